@@ -1,0 +1,43 @@
+"""`python -m sweep [overrides] [-m]`: one grid point per Hydra job."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from rich.console import Console
+
+from sweep.config import ConfigError, register_configs, to_sweep_config
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def app(cfg: DictConfig) -> str:
+    from sweep.run import run_point
+    from sweep.sweeps import sweep_context
+
+    logging.captureWarnings(True)
+    try:
+        config = to_sweep_config(cfg)
+    except ConfigError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    ctx = sweep_context()
+    hc = HydraConfig.get()
+    log_file = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
+    result = run_point(config, ctx, log_file=log_file)
+    if ctx is None and result.status == "FAILED":
+        sys.exit(1)
+    return result.status
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

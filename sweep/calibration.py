@@ -1,0 +1,60 @@
+"""Calibration samples: `nsamples` random windows of `seqlen` tokens from a text source, seeded.
+
+Never the evaluation test split: the default is the LAMBADA *development* passages (disjoint
+from the LAMBADA test set, unrelated to WikiText).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import List
+
+import torch
+
+from sweep.config import CalibrationConfig
+from sweep.datasets import data_file
+
+
+def describe(cfg: CalibrationConfig) -> str:
+    """The calibration source as it goes into the run's tags."""
+    if cfg.source == "lambada_dev":
+        return "lambada_dev (sweep/data/lambada.development.plain.txt)"
+    return cfg.source
+
+
+def load_texts(cfg: CalibrationConfig) -> List[str]:
+    if cfg.source == "lambada_dev":
+        return data_file("lambada.development.plain.txt").read_text(encoding="utf-8").splitlines()
+    if cfg.source.startswith("hub:"):
+        from datasets import load_dataset
+
+        spec = cfg.source[4:].split(":")
+        ds = load_dataset(spec[0], spec[1] if len(spec) > 1 else None, split="train")
+        return [row[cfg.text_field] for row in ds]
+    path = Path(cfg.source).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line)[cfg.text_field] for line in f if line.strip()]
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def build_samples(tokenizer, cfg: CalibrationConfig) -> List[torch.Tensor]:
+    """Token windows of shape (1, seqlen), drawn from the concatenated source text."""
+    texts = [t for t in load_texts(cfg) if t.strip()]
+    rng = random.Random(cfg.seed)
+    # Tokenize only as much text as the windows can need (a few times over), not the whole corpus.
+    rng.shuffle(texts)
+    needed = cfg.nsamples * cfg.seqlen * 4
+    chunk, count = [], 0
+    for t in texts:
+        chunk.append(t)
+        count += len(t.split())
+        if count >= needed:
+            break
+    ids = tokenizer("\n\n".join(chunk), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() <= cfg.seqlen:
+        raise ValueError(f"calibration.source {cfg.source!r} has only {ids.numel()} tokens; "
+                         f"calibration.seqlen={cfg.seqlen} needs more")
+    starts = [rng.randrange(0, ids.numel() - cfg.seqlen) for _ in range(cfg.nsamples)]
+    return [ids[s:s + cfg.seqlen].unsqueeze(0) for s in starts]

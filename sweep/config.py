@@ -1,0 +1,258 @@
+"""The config schema of one grid point, and its validation.
+
+Hydra composes `conf/`; `to_sweep_config` turns that into these dataclasses (OmegaConf
+type-checks every field on the way) and `validate` checks ranges and method capabilities.
+Both run before any model is loaded, so a bad grid point costs milliseconds, not a model load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BITS_RANGE = range(1, 9)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+EVAL_TASKS = ("wikitext", "lambada")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the field, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # Display name; also the default MLflow experiment.
+    name: str = "smollm2-135m"
+    # "embedded:<id>" (shipped through PyPI, see sweep/models.py), a local directory, or a Hub id.
+    path: str = "embedded:smollm2-135m-instruct"
+    dtype: str = "auto"
+    # Keep only the first N decoder layers (a cheap, honest stand-in model for fast tests).
+    num_layers: Optional[int] = None
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class CalibrationConfig:
+    # "lambada_dev" (vendored LAMBADA development split), a local .txt/.jsonl file, or "hub:<dataset>[:<config>]".
+    source: str = "lambada_dev"
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+    # Field read from .jsonl files and Hub datasets.
+    text_field: str = "text"
+
+
+@dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    # Documents (wikitext) or examples (lambada) per task; null evaluates the whole test set.
+    limit: Dict[str, Optional[int]] = field(default_factory=lambda: {"wikitext": 2, "lambada": 200})
+    batch_size: int = 8
+    # Context window for rolling perplexity; the model's own maximum when null.
+    max_length: Optional[int] = 2048
+    # lm-eval's bootstrap for perplexity standard errors (0 = skip; it is slow on CPU).
+    bootstrap_iters: int = 0
+
+
+@dataclass
+class BenchConfig:
+    # One sample generation per prompt is kept as an artifact.
+    prompts: List[str] = field(default_factory=lambda: ["Explain what quantization does to a neural network."])
+    max_new_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 3
+    chat_template: bool = True
+    # Save the model once to a temporary directory to measure its size on disk.
+    disk_size: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; null means $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db.
+    uri: Optional[str] = None
+    # Experiment name; null means the model's name.
+    experiment: Optional[str] = None
+    # Where artifacts of new experiments go (a local path or URI); null means outputs/mlartifacts.
+    artifact_location: Optional[str] = None
+
+
+@dataclass
+class SweepConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Method options differ per method: each method validates its own (sweep/methods/*.py).
+    method: Any = field(default_factory=lambda: {"name": "rtn"})
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # The quantization knobs are top level so that grids read `bits=2,3,4 group_size=32,128`.
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    damp_percent: float = 0.01
+    desc_act: bool = False
+    quantize_lm_head: bool = False
+    device: str = "auto"
+    seed: int = 0
+    cache_dir: str = "~/.cache/sweep"
+    # Hub downloads are off unless asked for: every default runs offline.
+    allow_hub: bool = False
+    # Skip grid points whose finished run is already in the store; force re-runs them.
+    resume: bool = True
+    force: bool = False
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method["name"])
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
+
+
+def to_sweep_config(cfg: DictConfig) -> SweepConfig:
+    """Hydra's composed config → validated SweepConfig (raises ConfigError)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), _without_hydra(cfg))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    assert isinstance(obj, SweepConfig)
+    validate(obj)
+    return obj
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return OmegaConf.create(data)
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def validate(cfg: SweepConfig) -> None:
+    """Check every field that can be checked without a model; report all problems at once."""
+    from sweep.methods import available_methods, get_method
+
+    errors: List[str] = []
+
+    def bad(field_name: str, value: Any, allowed: str) -> None:
+        errors.append(f"{field_name}={value!r} is not allowed: {allowed}")
+
+    name = cfg.method.get("name") if isinstance(cfg.method, dict) else None
+    if name not in available_methods():
+        bad("method", name, f"available methods are {', '.join(available_methods())}")
+    if cfg.bits not in BITS_RANGE:
+        bad("bits", cfg.bits, "an integer from 1 to 8")
+    if cfg.group_size != -1 and cfg.group_size < 1:
+        bad("group_size", cfg.group_size, "-1 (one group per output channel) or a positive group size such as 32, 64, 128")
+    if not (0.0 < cfg.damp_percent <= 1.0):
+        bad("damp_percent", cfg.damp_percent, "a fraction in (0, 1], e.g. 0.01")
+    if cfg.device not in DEVICES:
+        bad("device", cfg.device, f"one of {', '.join(DEVICES)}")
+    if cfg.model.dtype not in DTYPES:
+        bad("model.dtype", cfg.model.dtype, f"one of {', '.join(DTYPES)}")
+    if cfg.model.num_layers is not None and cfg.model.num_layers < 1:
+        bad("model.num_layers", cfg.model.num_layers, "null or a positive number of decoder layers")
+    if cfg.model.path.startswith("embedded:"):
+        from sweep.models import EMBEDDED_MODELS
+
+        model_id = cfg.model.path.split(":", 1)[1]
+        if model_id not in EMBEDDED_MODELS:
+            bad("model.path", cfg.model.path, f"embedded models are {', '.join('embedded:' + k for k in EMBEDDED_MODELS)}")
+    elif not Path(os.path.expanduser(cfg.model.path)).is_dir() and not cfg.allow_hub:
+        bad("model.path", cfg.model.path,
+            "not a local directory, and Hub downloads are off: give a local model directory, "
+            "an embedded model (embedded:smollm2-135m-instruct), or set allow_hub=true")
+    _validate_calibration(cfg, bad)
+    for task in cfg.eval.tasks:
+        if task not in EVAL_TASKS:
+            bad("eval.tasks", task, f"tasks are {', '.join(EVAL_TASKS)}")
+    for task, limit in cfg.eval.limit.items():
+        if task not in EVAL_TASKS:
+            bad(f"eval.limit.{task}", limit, f"limits are keyed by task: {', '.join(EVAL_TASKS)}")
+        elif limit is not None and limit < 1:
+            bad(f"eval.limit.{task}", limit, "null (whole test set) or at least 1")
+    if cfg.eval.batch_size < 1:
+        bad("eval.batch_size", cfg.eval.batch_size, "at least 1")
+    if cfg.eval.max_length is not None and cfg.eval.max_length < 16:
+        bad("eval.max_length", cfg.eval.max_length, "null (the model's maximum) or at least 16")
+    if cfg.bench.max_new_tokens < 2:
+        bad("bench.max_new_tokens", cfg.bench.max_new_tokens, "at least 2 (inter-token latency needs two tokens)")
+    if cfg.bench.repeats < 0 or cfg.bench.warmup < 0:
+        bad("bench.repeats/bench.warmup", (cfg.bench.repeats, cfg.bench.warmup), "zero (skip latency) or more")
+    if cfg.bench.repeats > 0 and not cfg.bench.prompts:
+        bad("bench.prompts", cfg.bench.prompts, "at least one prompt when bench.repeats > 0")
+    if cfg.tracking.uri is not None:
+        from sweep.tracking import check_tracking_uri
+
+        problem = check_tracking_uri(cfg.tracking.uri)
+        if problem:
+            bad("tracking.uri", cfg.tracking.uri, problem)
+    if name in available_methods():
+        errors.extend(get_method(name).config_errors(cfg))
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_calibration(cfg: SweepConfig, bad) -> None:
+    cal = cfg.calibration
+    if cal.nsamples < 1:
+        bad("calibration.nsamples", cal.nsamples, "at least 1")
+    if cal.seqlen < 8:
+        bad("calibration.seqlen", cal.seqlen, "at least 8 tokens")
+    src = cal.source
+    if src == "lambada_dev" or src.startswith("hub:"):
+        if src.startswith("hub:") and not cfg.allow_hub:
+            bad("calibration.source", src, "Hub datasets need allow_hub=true")
+        return
+    path = Path(os.path.expanduser(src))
+    if not path.is_file():
+        bad("calibration.source", src, "'lambada_dev', an existing .txt/.jsonl file, or hub:<dataset>")
+    elif path.suffix not in (".txt", ".jsonl", ".json"):
+        bad("calibration.source", src, "a .txt (plain text) or .jsonl file")
+
+
+# Fields that never change a grid point's result: they are left out of its identity.
+_NOT_IN_HASH = {"resume", "force", "tracking", "cache_dir"}
+
+
+def result_fields(cfg: SweepConfig, device: Optional[str] = None) -> Dict[str, Any]:
+    """What determines a grid point's result: the config minus bookkeeping, minus knobs its method ignores.
+
+    `device` is the resolved device ("cpu", "cuda:0"); "auto" alone would let a CPU result
+    stand in for a GPU one.
+    """
+    from sweep.methods import get_method
+
+    data = asdict(cfg)
+    if device is not None:
+        data["device"] = device.split(":")[0]
+    for key in _NOT_IN_HASH:
+        data.pop(key, None)
+    method = get_method(cfg.method_name)
+    for knob in ("bits", "group_size", "sym", "damp_percent", "desc_act", "quantize_lm_head"):
+        if knob not in method.knobs:
+            data.pop(knob, None)
+    if not method.needs_calibration:
+        data.pop("calibration", None)
+    return data
+
+
+def config_hash(cfg: SweepConfig, device: Optional[str] = None) -> str:
+    blob = json.dumps(result_fields(cfg, device), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

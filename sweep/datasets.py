@@ -1,0 +1,64 @@
+"""The evaluation and calibration data vendored in sweep/data/, checked against their sha256 on use.
+
+Provenance and licences: sweep/data/README.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List
+
+DATA_DIR = Path(__file__).parent / "data"
+
+CHECKSUMS: Dict[str, str] = {
+    "wikitext-2-raw-v1.test.raw": "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",
+    "lambada_openai.test.jsonl": "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+    "lambada.development.plain.txt": "f5b0f1e38fcdad6a1cd3a17bee4b6932a28cd9c5f463ada970c61de0f8679f2f",
+}
+
+# A top-level WikiText heading (" = Title = "), not a sub-heading (" = = Sub = = ").
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+class DataIntegrityError(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def data_file(name: str) -> Path:
+    """Path of a vendored file after checking its sha256 (once per process)."""
+    path = DATA_DIR / name
+    if not path.is_file():
+        raise DataIntegrityError(f"vendored data file {path} is missing (a broken install?)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != CHECKSUMS[name]:
+        raise DataIntegrityError(f"{path} has sha256 {digest}, expected {CHECKSUMS[name]}")
+    return path
+
+
+def wikitext_documents() -> List[str]:
+    """The 62 WikiText-2 test articles, each the lines from its heading to the next one.
+
+    The same documents lm-eval's `wikitext` task reads from its document-level dataset.
+    """
+    docs: List[List[str]] = []
+    for line in data_file("wikitext-2-raw-v1.test.raw").read_text(encoding="utf-8").split("\n"):
+        if _ARTICLE_HEADING.match(line):
+            docs.append([])
+        if docs and line.strip():
+            docs[-1].append(line)
+    return ["\n".join(lines) + "\n" for lines in docs]
+
+
+def write_wikitext_jsonl(path: Path) -> Path:
+    """The articles as JSON lines with the field lm-eval's wikitext functions read (`page`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for page in wikitext_documents():
+            f.write(json.dumps({"page": page}) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,105 @@
+"""Memory: weight footprint, packed size, peak process/accelerator memory per phase, size on disk."""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator
+
+import psutil
+import torch
+
+from sweep.quant.grid import storage_bits_per_weight
+
+MB = 1024 * 1024
+
+
+def weight_footprint_mb(model: torch.nn.Module) -> float:
+    """Bytes of parameters and buffers as they sit in memory now (transformers' get_memory_footprint)."""
+    return model.get_memory_footprint() / MB
+
+
+def packed_weights_mb(model: torch.nn.Module, quantized: Dict[str, dict], sym: bool) -> float:
+    """Size of the weights in a packed low-bit format: quantized linears at their bits plus
+    per-group scales/zeros, every other tensor at its current dtype. Computed, not measured,
+    so that simulated runs report what their packed form would weigh."""
+    quantized_params = set()
+    total_bits = 0.0
+    for name, rec in quantized.items():
+        module = model.get_submodule(name)
+        quantized_params.add(id(module.weight))
+        bpw = storage_bits_per_weight(rec["bits"], rec["group_size"], rec["in_features"], sym)
+        total_bits += bpw * module.weight.numel()
+    seen = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen or id(tensor) in quantized_params:
+            continue
+        seen.add(id(tensor))
+        total_bits += tensor.numel() * tensor.element_size() * 8
+    return total_bits / 8 / MB
+
+
+def disk_size_mb(model: torch.nn.Module) -> float:
+    """Size of `save_pretrained` output (safetensors) in a temporary directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / MB
+
+
+class PeakMemory:
+    """Peak memory of each named phase: process RSS (sampled) and, on CUDA, torch's allocator peak."""
+
+    def __init__(self, device: str, interval_s: float = 0.05):
+        self.device = device
+        self.interval_s = interval_s
+        self.peaks: Dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        proc = psutil.Process(os.getpid())
+        peak = [proc.memory_info().rss]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.interval_s):
+                peak[0] = max(peak[0], proc.memory_info().rss)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            self.peaks[f"rss_peak_mb.{name}"] = peak[0] / MB
+            if cuda:
+                torch.cuda.synchronize()
+                self.peaks[f"gpu_allocated_peak_mb.{name}"] = torch.cuda.max_memory_allocated() / MB
+                self.peaks[f"gpu_reserved_peak_mb.{name}"] = torch.cuda.max_memory_reserved() / MB
+
+    def overall_peak_mb(self) -> float:
+        """The number the report shows: accelerator peak on GPU, process peak on CPU."""
+        key = "gpu_allocated_peak_mb." if self.device.startswith("cuda") else "rss_peak_mb."
+        values = [v for k, v in self.peaks.items() if k.startswith(key)]
+        return max(values) if values else float("nan")
+
+
+def timed() -> "Timer":
+    return Timer()
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

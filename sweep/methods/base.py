@@ -1,0 +1,78 @@
+"""The interface every quantization method implements.
+
+A method is one module in this package defining one subclass of `QuantMethod`, plus one
+`conf/method/<name>.yaml`; the registry (`sweep.methods`) finds it by its `name`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from sweep.progress import Progress
+
+# Values of the `weights` tag: whether a low-bit kernel runs the weights, or they are
+# quantize-dequantized values stored in the original dtype.
+PACKED = "packed"
+SIMULATED = "simulated"
+UNQUANTIZED = "unquantized"
+
+
+@dataclass
+class QuantReport:
+    """What a method did to the model, for tags, metrics and the report."""
+
+    backend: str                  # library or implementation that quantized ("sweep-torch", "gptqmodel", ...)
+    weights: str                  # PACKED, SIMULATED or UNQUANTIZED
+    kernel: str = "none"          # kernel that runs the weights at inference
+    layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per quantized module: bits, group_size, in/out features, error
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+class QuantMethod:
+    name: ClassVar[str]
+    # Which top-level knobs change this method's result; the others are left out of the run's identity.
+    knobs: ClassVar[FrozenSet[str]] = frozenset()
+    needs_calibration: ClassVar[bool] = False
+    # Method-specific options (the rest of conf/method/<name>.yaml), as a dataclass.
+    Options: ClassVar[Optional[type]] = None
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.options = self.parse_options(cfg.method)
+
+    @classmethod
+    def parse_options(cls, method_cfg: Dict[str, Any]) -> Any:
+        extra = {k: v for k, v in dict(method_cfg).items() if k != "name"}
+        if cls.Options is None:
+            if extra:
+                raise ValueError(f"method {cls.name} takes no options, got {sorted(extra)}")
+            return None
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), extra))
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", "")
+            raise ValueError(f"method.{key}: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def config_errors(cls, cfg) -> List[str]:
+        """Problems with this config for this method, found without loading a model."""
+        try:
+            options = cls.parse_options(cfg.method)
+        except ValueError as exc:
+            return [str(exc)]
+        return cls.check_options(cfg, options)
+
+    @classmethod
+    def check_options(cls, cfg, options) -> List[str]:
+        return []
+
+    def quantize(self, model: nn.Module, calibration: Optional[list], progress: Progress) -> QuantReport:
+        raise NotImplementedError

@@ -1,0 +1,30 @@
+"""Round-to-nearest: each weight group snapped to its own min/max grid, no calibration data."""
+from __future__ import annotations
+
+import torch
+
+from sweep.methods.base import SIMULATED, QuantMethod, QuantReport
+from sweep.quant.grid import qdq_rtn
+from sweep.quant.layers import quantizable_linears
+
+
+class RoundToNearest(QuantMethod):
+    name = "rtn"
+    knobs = frozenset({"bits", "group_size", "sym", "quantize_lm_head"})
+
+    @torch.no_grad()
+    def quantize(self, model, calibration, progress) -> QuantReport:
+        cfg = self.cfg
+        report = QuantReport(backend="sweep-torch", weights=SIMULATED)
+        linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)
+        for name, linear in progress.track(linears.items(), "rtn", total=len(linears)):
+            w = linear.weight.data
+            q = qdq_rtn(w, cfg.bits, cfg.group_size, cfg.sym)
+            report.layers[name] = layer_record(linear, cfg.bits, cfg.group_size, float(((w.float() - q.float()) ** 2).sum()))
+            linear.weight.data.copy_(q)
+        return report
+
+
+def layer_record(linear: torch.nn.Linear, bits: int, group_size: int, error: float) -> dict:
+    return {"bits": bits, "group_size": group_size, "in_features": linear.in_features,
+            "out_features": linear.out_features, "error": error}

@@ -1,0 +1,47 @@
+"""What the user sees while a grid point runs: one line per phase with elapsed time, bars for long loops.
+
+Library logs (transformers, lm-eval, mlflow ...) go to the job's log file, not here (sweep/logs.py).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, TypeVar
+
+from rich.console import Console
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+class Progress:
+    def __init__(self, label: str = "", console: Optional[Console] = None, enabled: bool = True):
+        self.label = label              # e.g. "[3/6] gptq bits=3 group_size=128"
+        self.console = console or Console(stderr=True, highlight=False)
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.phase_seconds: dict = {}
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.started
+            self.console.print(f"[dim]{_fmt(elapsed)}[/dim] [bold]{self.label}[/bold] {message}")
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.say(f"{name} ...")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = time.perf_counter() - t0
+            self.say(f"{name} done in {_fmt(self.phase_seconds[name])}")
+
+    def track(self, items: Iterable[T], description: str, total: Optional[int] = None) -> Iterator[T]:
+        return iter(tqdm(items, desc=f"  {description}", total=total, disable=not self.enabled,
+                         leave=False, dynamic_ncols=True, mininterval=1.0))
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m:02d}:{s:02d}"

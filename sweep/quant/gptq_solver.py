@@ -1,0 +1,123 @@
+"""GPTQ (Frantar et al., 2022) for one linear layer, in plain torch.
+
+Given the layer's weight W (out × in) and H = 2/n Σ x xᵀ over calibration inputs, quantize the
+columns of W one at a time and spread each column's rounding error onto the columns not yet
+quantized, weighted by the inverse Hessian (Optimal Brain Quantization), with lazy block updates.
+Written from the paper's algorithm; runs on CPU and GPU alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sweep.quant.grid import Grid, fit_grid
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ over every row of every input batch seen so far."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.nsamples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = x * (2.0 / self.nsamples) ** 0.5
+        self.H += x.t() @ x
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor          # quantize-dequantized weight, original column order
+    loss: float                   # Σ (w - q)² / Hinv_diag²: the solver's own proxy for the output error
+    damp_retries: int             # how often the damping had to be raised to make H positive definite
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = True,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    block_size: int = 128,
+) -> GPTQResult:
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    rows, cols = W.shape
+
+    # Inputs that were always zero carry no information: fix their column to zero.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    per_channel: Optional[Grid] = fit_grid(W, bits, sym) if group_size == -1 else None
+    # Static groups fix every group's grid up front (on the unpermuted weight) so act-order
+    # does not scatter one group's grid across the matrix.
+    static: Optional[list] = None
+    if group_size != -1 and static_groups:
+        static = [fit_grid(W[:, g:g + group_size], bits, sym) for g in range(0, cols, group_size)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, retries = _upper_cholesky_of_inverse(H, damp_percent)
+
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows, device=W.device)
+    grid = per_channel
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size != -1:
+                if static is not None:
+                    orig = int(perm[col]) if perm is not None else col
+                    grid = static[orig // group_size]
+                elif col % group_size == 0:
+                    # The grid sees the group as it is now, with the error already spread onto it.
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                    grid = fit_grid(ahead, bits, sym)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = grid.qdq(w.unsqueeze(1)).squeeze(1)
+            Q1[:, i] = q
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(weight=Q, loss=float(losses.sum()), damp_retries=retries)
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp_percent: float, max_retries: int = 6):
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), raising λ tenfold until H is positive definite."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], device=H.device)
+    damp = damp_percent
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), attempt
+        damp *= 10
+    raise torch.linalg.LinAlgError(
+        f"Hessian is not positive definite even with damp_percent={damp:g}; use more calibration samples"
+    )

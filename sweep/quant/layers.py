@@ -1,0 +1,131 @@
+"""Finding what to quantize in a causal LM, and running calibration data through it block by block."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: `model.model.layers` for Llama/Qwen/Mistral-style models,
+    else the longest ModuleList in the model."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner.layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return max(lists, key=len)
+
+
+def quantizable_linears(model: nn.Module, include_lm_head: bool = False) -> Dict[str, nn.Linear]:
+    """Linear layers inside the decoder blocks (embeddings are never Linear), plus lm_head if asked."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    found = {
+        name: mod for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name.startswith(prefix + ".")
+    }
+    if include_lm_head:
+        head = model.get_output_embeddings()
+        if isinstance(head, nn.Linear):
+            untie_lm_head(model)
+            found["lm_head"] = model.get_output_embeddings()
+    return found
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Give lm_head its own weight, so quantizing it leaves the input embeddings as they were."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+@dataclass
+class LayerInputs:
+    """The hidden states entering one decoder layer for each calibration sample, plus the
+    keyword arguments the model passes to its layers (masks, rotary embeddings, positions)."""
+
+    hidden: List[torch.Tensor]
+    kwargs: List[Dict[str, Any]]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, samples: List[torch.Tensor]) -> LayerInputs:
+    """Run each sample through the model up to the first decoder layer and keep what it receives."""
+    layers = decoder_layers(model)
+    first = layers[0]
+    captured = LayerInputs(hidden=[], kwargs=[])
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        captured.kwargs.append(kwargs)
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in samples:
+            try:
+                model(ids.to(_device_of(model)), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> List[torch.Tensor]:
+    outs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = layer(hidden, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def sequential_groups(layer: nn.Module, inputs: LayerInputs, linears: Dict[str, nn.Linear]) -> List[List[str]]:
+    """The layer's linears in the order they run, grouped by shared input (q/k/v, gate/up),
+    found by watching one forward pass, so no per-architecture table is needed."""
+    order: List[Tuple[str, int]] = []
+    handles = []
+    for name, mod in linears.items():
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, args, name=name: order.append((name, args[0].data_ptr()))))
+    try:
+        with torch.no_grad():
+            layer(inputs.hidden[0], **inputs.kwargs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: List[List[str]] = []
+    seen = set()
+    last_ptr = None
+    for name, ptr in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and ptr == last_ptr:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    missing = [n for n in linears if n not in seen]
+    if missing:  # linears the forward pass did not reach (e.g. unused experts) go last
+        groups.append(missing)
+    return groups
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def iter_layers(model: nn.Module) -> Iterator[Tuple[int, nn.Module]]:
+    yield from enumerate(decoder_layers(model))

@@ -1,0 +1,210 @@
+"""`python -m sweep.report`: the summary table of a sweep, read back from the MLflow store.
+
+One row per grid point; columns in COLUMNS order (stable, documented in the README). CSV keeps
+full precision; the Markdown and the terminal table round. Deltas are against the fp16 baseline
+of the same sweep, or else the newest finished baseline in the experiment with the same model
+and evaluation settings.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pandas as pd
+
+from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+
+# column → (source, key): where each column comes from in an MLflow run.
+COLUMNS: Dict[str, tuple] = {
+    "run": ("info", "run_name"),
+    "status": ("info", "status"),
+    "method": ("tag", "method"),
+    "backend": ("tag", "backend"),
+    "weights": ("tag", "weights"),
+    "bits": ("tag", "bits"),
+    "group_size": ("tag", "group_size"),
+    "sym": ("param", "sym"),
+    "damp_percent": ("param", "damp_percent"),
+    "desc_act": ("param", "desc_act"),
+    "wikitext_word_ppl": ("metric", "wikitext.word_perplexity"),
+    "wikitext_byte_ppl": ("metric", "wikitext.byte_perplexity"),
+    "wikitext_bits_per_byte": ("metric", "wikitext.bits_per_byte"),
+    "lambada_ppl": ("metric", "lambada.perplexity"),
+    "lambada_acc": ("metric", "lambada.acc"),
+    "weight_mb": ("metric", "memory.packed_weights_mb"),
+    "in_memory_mb": ("metric", "memory.weights_mb"),
+    "peak_mb": ("metric", "memory.peak_mb"),
+    "quantize_s": ("metric", "time.quantize_s"),
+    "tokens_per_s": ("metric", "latency.tokens_per_s"),
+    "ttft_ms": ("metric", "latency.ttft_ms_p50"),
+}
+DELTAS = {  # delta column → (column, baseline column)
+    "delta_word_ppl": "wikitext_word_ppl",
+    "delta_lambada_ppl": "lambada_ppl",
+    "delta_lambada_acc": "lambada_acc",
+    "delta_weight_mb": "weight_mb",
+}
+TRAILING = ["config_hash", "run_id"]
+# Settings that must match for a baseline from outside the sweep to be comparable.
+BASELINE_MATCH = ["model.path", "model.num_layers", "model.dtype", "eval.limit.wikitext", "eval.limit.lambada",
+                  "eval.max_length", "device"]
+SORT = ["method", "bits", "group_size", "damp_percent"]
+
+
+def _value(run, source: str, key: str):
+    if source == "info":
+        return getattr(run.info, key)
+    if source == "tag":
+        return run.data.tags.get(key)
+    if source == "param":
+        return run.data.params.get(key)
+    return run.data.metrics.get(key, math.nan)
+
+
+def build_table(runs: Sequence, baseline=None) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        row = {col: _value(run, *src) for col, src in COLUMNS.items()}
+        row["config_hash"] = run.data.tags.get("sweep.config_hash")
+        row["run_id"] = run.info.run_id
+        rows.append(row)
+    columns = list(COLUMNS) + list(DELTAS) + TRAILING
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    df = pd.DataFrame(rows)
+    for col in ("bits", "group_size", "damp_percent"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in ("sym", "desc_act"):
+        df[col] = df[col].map({"True": True, "False": False}).astype("object")
+    # Knobs a method ignores are blank, not misleading (a baseline has no damp_percent).
+    df.loc[df["method"] != "gptq", ["damp_percent", "desc_act"]] = None
+    df.loc[df["weights"] == "unquantized", ["sym"]] = None
+    base = _baseline_row(df, runs, baseline)
+    for delta, col in DELTAS.items():
+        df[delta] = df[col] - base[col] if base is not None else math.nan
+    df = df.sort_values(SORT, na_position="first", kind="stable").reset_index(drop=True)
+    return df[columns]
+
+
+def _baseline_row(df: pd.DataFrame, runs: Sequence, baseline) -> Optional[pd.Series]:
+    finished = df[(df["method"] == "fp16") & (df["status"] == "FINISHED")]
+    if len(finished):
+        return finished.iloc[0]
+    if baseline is not None:
+        return build_table([baseline]).iloc[0]
+    return None
+
+
+def find_baseline(tracker: Tracker, runs: Sequence):
+    """A finished fp16 run elsewhere in the experiment with the same model and eval settings."""
+    point = next((r for r in runs if r.info.status == "FINISHED"), None)
+    if point is None:
+        return None
+    candidates = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string="tags.method = 'fp16' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=200)
+    for cand in candidates:
+        same = all(cand.data.params.get(k) == point.data.params.get(k) for k in BASELINE_MATCH if k != "device")
+        if same and cand.data.tags.get("device") == point.data.tags.get("device"):
+            return cand
+    return None
+
+
+def write_table(df: pd.DataFrame, stem: Path) -> List[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    df.to_csv(csv, index=False)
+    md.write_text(to_markdown(df) + "\n")
+    return [csv, md]
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    shown = df.drop(columns=["run_id", "config_hash"]).copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            digits = 4 if col in ("lambada_acc", "delta_lambada_acc", "wikitext_bits_per_byte") else 2
+            shown[col] = shown[col].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
+    note = ("weights: `packed` = run by a low-bit kernel; `simulated` = quantize-dequantized values in the "
+            "original dtype (quality is real, speed and in-memory size are not those of a packed model); "
+            "weight_mb = size in the packed format (computed for simulated runs).")
+    return shown.to_markdown(index=False) + "\n\n" + note
+
+
+def print_table(df: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ["method", "weights", "bits", "group_size", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
+            "weight_mb", "peak_mb", "quantize_s", "tokens_per_s", "ttft_ms", "delta_word_ppl", "status"]
+    table = Table(title=title, show_lines=False)
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("method", "weights", "status") else "right")
+    for _, row in df.iterrows():
+        cells = []
+        for col in cols:
+            v = row[col]
+            if isinstance(v, float):
+                cells.append("" if math.isnan(v) else (f"{v:.3f}" if col == "lambada_acc" else f"{v:.2f}"))
+            else:
+                cells.append("" if v is None else str(v))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def latest_sweep(tracker: Tracker):
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from sweep.config import TrackingConfig
+
+    ap = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="smollm2-135m", help="MLflow experiment (default: %(default)s)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db)")
+    ap.add_argument("--sweep-id", default=None, help="parent run id or sweep.id tag (default: the latest sweep)")
+    ap.add_argument("--all", action="store_true", help="every grid point run in the experiment, not one sweep")
+    ap.add_argument("--out", default="outputs/report", help="output folder (default: %(default)s)")
+    args = ap.parse_args(argv)
+
+    tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
+    if args.all:
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
+                                          max_results=5000)
+        title, stem = f"experiment {args.experiment}: all runs", "all"
+    else:
+        parent = _find_parent(tracker, args.sweep_id) if args.sweep_id else latest_sweep(tracker)
+        if parent is None:
+            print(f"no sweep found in experiment {args.experiment!r} at {tracker.uri}: run "
+                  "`python -m sweep ... -m` first, or pass --all / --experiment", file=sys.stderr)
+            return 1
+        runs = sweep_runs(tracker, parent.info.run_id)
+        title = f"sweep {parent.data.tags.get(TAG_SWEEP_ID)} ({parent.info.run_name}, {len(runs)} runs)"
+        stem = f"sweep-{parent.data.tags.get(TAG_SWEEP_ID)}"
+    df = build_table(runs, baseline=find_baseline(tracker, runs))
+    paths = write_table(df, Path(args.out) / stem)
+    print_table(df, title)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _find_parent(tracker: Tracker, sweep_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.client.get_run(sweep_id)
+    except MlflowException:
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'",
+                                          max_results=1)
+        return runs[0] if runs else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

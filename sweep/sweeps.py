@@ -1,0 +1,130 @@
+"""A Hydra multirun as one MLflow parent run.
+
+`ParentRunCallback` (wired in conf/config.yaml under hydra.callbacks) runs in the launching
+process: before any job it enumerates the grid, validates every point (so a typo fails in
+milliseconds, not after hours of earlier points), creates the parent run and writes
+`sweep.json` into the sweep directory. Jobs, in this process or others, read that file to
+attach their child runs. After the last job it closes the parent, logs the summary table
+and makes the exit status say how many points failed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from sweep.config import ConfigError, to_sweep_config
+from sweep.run import SweepContext
+from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+
+SWEEP_FILE = "sweep.json"
+console = Console(stderr=True, highlight=False)
+
+
+def grid_overrides(cfg: DictConfig) -> List[List[str]]:
+    """Every job's overrides, as Hydra's basic sweeper will expand them (command line + hydra.sweeper.params)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    arguments = list(OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))
+    params = OmegaConf.select(cfg, "hydra.sweeper.params")
+    if params:
+        given = {a.split("=", 1)[0] for a in arguments}
+        arguments += [f"{k}={v}" for k, v in params.items() if k not in given]
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def validate_grid(cfg: DictConfig, jobs: List[List[str]]) -> None:
+    from hydra import compose
+
+    problems = []
+    for overrides in jobs:
+        try:
+            to_sweep_config(compose(config_name=HydraConfig.get().job.config_name, overrides=overrides))
+        except ConfigError as exc:
+            problems.append(f"{' '.join(overrides) or '(defaults)'}:\n    {str(exc).replace(chr(10), chr(10) + '    ')}")
+    if problems:
+        raise ConfigError(f"{len(problems)} of {len(jobs)} grid points are invalid; nothing was run.\n" + "\n".join(problems))
+
+
+class ParentRunCallback(Callback):
+    def __init__(self) -> None:
+        self.tracker: Optional[Tracker] = None
+        self.parent_id: Optional[str] = None
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = grid_overrides(config)
+        try:
+            validate_grid(config, jobs)
+            base = to_sweep_config(config)
+        except ConfigError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            sys.exit(2)
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        state_file = sweep_dir / SWEEP_FILE
+        self.tracker = Tracker(base.tracking, base.model.name)
+        if state_file.is_file():  # re-launch into the same sweep dir: keep its parent run
+            state = json.loads(state_file.read_text())
+            self.parent_id = state["parent_run_id"]
+            self.tracker.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            sweep_id = uuid.uuid4().hex[:12]
+            overrides = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+            self.parent_id = self.tracker.create_run(
+                f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                {TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, "sweep.dir": str(sweep_dir), "model": base.model.name})
+            self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": len(jobs)})
+            state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
+        state.update(total=len(jobs), tracking_uri=self.tracker.uri, experiment=self.tracker.experiment_name)
+        state_file.write_text(json.dumps(state, indent=2))
+        self.started = time.perf_counter()
+        console.print(f"[bold]sweep[/bold] {len(jobs)} grid points → MLflow parent run {self.parent_id} "
+                      f"(experiment {self.tracker.experiment_name!r}, {self.tracker.uri})")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.tracker is None or self.parent_id is None:
+            return
+        from sweep.report import build_table, write_table
+
+        runs = sweep_runs(self.tracker, self.parent_id)
+        failed = [r for r in runs if r.info.status != "FINISHED"]
+        table = build_table(runs)
+        out_dir = Path(str(config.hydra.sweep.dir))
+        paths = write_table(table, out_dir / "summary")
+        for path in paths:
+            self.tracker.log_file(self.parent_id, path, "summary")
+        self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
+                                                  "sweep.wall_s": time.perf_counter() - self.started})
+        self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
+        console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
+                      f"summary in {out_dir / 'summary.md'}")
+        for run in failed:
+            console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "
+                          f"{run.data.tags.get('error.class', '')} {run.data.tags.get('error.message', '')[:200]}")
+        if failed:
+            sys.exit(1)
+
+
+def sweep_context() -> Optional[SweepContext]:
+    """This job's place in its sweep, or None for a single run."""
+    hc = HydraConfig.get()
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return None
+    state_file = Path(hc.sweep.dir).resolve() / SWEEP_FILE
+    if not state_file.is_file():
+        return None
+    state: Dict[str, Any] = json.loads(state_file.read_text())
+    return SweepContext(sweep_id=state["sweep_id"], parent_run_id=state["parent_run_id"],
+                        index=int(hc.job.num), total=int(state["total"]))

@@ -1,0 +1,42 @@
+"""lm-eval task definitions over the vendored data.
+
+`write_task_dir(dir)` writes a folder that lm-eval reads with `TaskManager(include_path=dir)`
+or, from the shell, `lm_eval --include_path dir --tasks sweep_wikitext,sweep_lambada ...`:
+
+    python -m sweep.tasks /tmp/sweep_tasks
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from sweep.datasets import data_file, write_wikitext_jsonl
+
+TASK_DIR = Path(__file__).parent
+# Our task names in lm-eval, by the short names used in configs and metric names.
+LM_EVAL_TASKS = {"wikitext": "sweep_wikitext", "lambada": "sweep_lambada"}
+
+
+def write_task_dir(target: Path) -> Path:
+    target = Path(target).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    data_dir = target / "data"
+    data_dir.mkdir(exist_ok=True)
+    docs = data_dir / "wikitext-2-raw-v1.test.docs.jsonl"
+    if not docs.is_file():
+        write_wikitext_jsonl(docs)
+    lambada = data_dir / "lambada_openai.test.jsonl"
+    if not lambada.is_file():
+        shutil.copyfile(data_file("lambada_openai.test.jsonl"), lambada)
+    for yaml_file in TASK_DIR.glob("*.yaml"):
+        text = yaml_file.read_text().replace("__DATA__", str(data_dir))
+        (target / yaml_file.name).write_text(text)
+    shutil.copyfile(TASK_DIR / "utils.py", target / "utils.py")
+    return target
+
+
+if __name__ == "__main__":
+    out = write_task_dir(Path(sys.argv[1] if len(sys.argv) > 1 else "sweep_tasks"))
+    print(f"lm-eval tasks {', '.join(LM_EVAL_TASKS.values())} written to {out}")
+    print(f"  lm_eval --include_path {out} --tasks {','.join(LM_EVAL_TASKS.values())} --model hf --model_args pretrained=<dir>")
