@@ -15,7 +15,10 @@ from sweep.config import ConfigError, register_configs, to_sweep_config
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> str:
     from sweep.run import run_point
     from sweep.sweeps import sweep_context

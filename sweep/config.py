@@ -132,10 +132,8 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
-    data = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    return OmegaConf.create(data)
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:

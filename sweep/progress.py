@@ -17,7 +17,7 @@ T = TypeVar("T")
 class Progress:
     def __init__(self, label: str = "", console: Optional[Console] = None, enabled: bool = True):
         self.label = label              # e.g. "[3/6] gptq bits=3 group_size=128"
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.enabled = enabled
         self.started = time.perf_counter()
         self.phase_seconds: dict = {}

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -27,7 +28,7 @@ from sweep.run import SweepContext
 from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 
 SWEEP_FILE = "sweep.json"
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def grid_overrides(cfg: DictConfig) -> List[List[str]]:
@@ -44,13 +45,13 @@ def grid_overrides(cfg: DictConfig) -> List[List[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
-def validate_grid(cfg: DictConfig, jobs: List[List[str]]) -> None:
+def validate_grid(config_name: str, jobs: List[List[str]]) -> None:
     from hydra import compose
 
     problems = []
     for overrides in jobs:
         try:
-            to_sweep_config(compose(config_name=HydraConfig.get().job.config_name, overrides=overrides))
+            to_sweep_config(compose(config_name=config_name, overrides=overrides))
         except ConfigError as exc:
             problems.append(f"{' '.join(overrides) or '(defaults)'}:\n    {str(exc).replace(chr(10), chr(10) + '    ')}")
     if problems:
@@ -63,14 +64,31 @@ class ParentRunCallback(Callback):
         self.parent_id: Optional[str] = None
         self.started = 0.0
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        jobs = grid_overrides(config)
+    # Hydra turns exceptions raised in callbacks into warnings and carries on; a sweep whose
+    # parent run could not be set up must not start, so errors here exit instead.
+    def on_multirun_start(self, config: DictConfig, config_name: str = "config", **kwargs: Any) -> None:
         try:
-            validate_grid(config, jobs)
-            base = to_sweep_config(config)
+            self._start(config, config_name)
         except ConfigError as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(2)
+        except Exception as exc:  # noqa: BLE001
+            console.print(f"[red]error: could not start the sweep:[/red] {type(exc).__name__}: {exc}")
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            failed = self._end(config)
+        except Exception as exc:  # noqa: BLE001
+            console.print(f"[red]error: could not close the sweep's parent run:[/red] {type(exc).__name__}: {exc}")
+            sys.exit(1)
+        if failed:
+            sys.exit(1)
+
+    def _start(self, config: DictConfig, config_name: str) -> None:
+        jobs = grid_overrides(config)
+        validate_grid(config_name, jobs)
+        base = to_sweep_config(config)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state_file = sweep_dir / SWEEP_FILE
@@ -93,14 +111,14 @@ class ParentRunCallback(Callback):
         console.print(f"[bold]sweep[/bold] {len(jobs)} grid points → MLflow parent run {self.parent_id} "
                       f"(experiment {self.tracker.experiment_name!r}, {self.tracker.uri})")
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def _end(self, config: DictConfig) -> int:
         if self.tracker is None or self.parent_id is None:
-            return
-        from sweep.report import build_table, write_table
+            return 0
+        from sweep.report import build_table, find_baseline, write_table
 
         runs = sweep_runs(self.tracker, self.parent_id)
         failed = [r for r in runs if r.info.status != "FINISHED"]
-        table = build_table(runs)
+        table = build_table(runs, baseline=find_baseline(self.tracker, runs))
         out_dir = Path(str(config.hydra.sweep.dir))
         paths = write_table(table, out_dir / "summary")
         for path in paths:
@@ -113,14 +131,13 @@ class ParentRunCallback(Callback):
         for run in failed:
             console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "
                           f"{run.data.tags.get('error.class', '')} {run.data.tags.get('error.message', '')[:200]}")
-        if failed:
-            sys.exit(1)
+        return len(failed)
 
 
 def sweep_context() -> Optional[SweepContext]:
     """This job's place in its sweep, or None for a single run."""
     hc = HydraConfig.get()
-    if str(hc.mode) != "RunMode.MULTIRUN":
+    if hc.mode != RunMode.MULTIRUN:
         return None
     state_file = Path(hc.sweep.dir).resolve() / SWEEP_FILE
     if not state_file.is_file():

@@ -67,11 +67,12 @@ class Tracker:
 
         from mlflow.tracking import MlflowClient
 
-        # MLflow logs store migrations at INFO through its own console handler: send its
-        # records to the job's log file (the root logger) instead.
+        # MLflow (configured when first imported, just above) prints store migrations at INFO
+        # through its own console handler: route its warnings to our logging setup instead.
         mlflow_log = logging.getLogger("mlflow")
         mlflow_log.handlers.clear()
         mlflow_log.propagate = True
+        mlflow_log.setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = resolve_uri(cfg)
         self.client = MlflowClient(tracking_uri=self.uri)

@@ -1,0 +1,120 @@
+"""Quantizer numerics on synthetic weights and activations (no model needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweep.quant.grid import fit_grid, qdq_rtn, storage_bits_per_weight
+from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
+
+
+def _weight(rows=64, cols=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    # Columns of very different scale, as in real layers: this is where small groups pay off.
+    return w * torch.linspace(0.05, 3.0, cols)[torch.randperm(cols, generator=g)]
+
+
+def _mse(a, b):
+    return float(((a - b) ** 2).mean())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_error_shrinks_with_every_extra_bit(sym):
+    w = _weight()
+    errors = [_mse(w, qdq_rtn(w, bits, 32, sym)) for bits in range(1, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_smaller_groups_beat_per_channel(bits):
+    w = _weight()
+    per_channel = _mse(w, qdq_rtn(w, bits, -1, True))
+    g128 = _mse(w, qdq_rtn(w, bits, 128, True))
+    g32 = _mse(w, qdq_rtn(w, bits, 32, True))
+    assert g32 < g128 < per_channel
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_codes_stay_in_range_and_levels_are_few(bits, sym):
+    w = _weight(8, 96)
+    grid = fit_grid(w, bits, sym)
+    q = grid.quantize(w)
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
+    out = qdq_rtn(w, bits, -1, sym)
+    for row in out:
+        assert len(torch.unique(row)) <= 2**bits
+
+
+def test_one_bit_symmetric_is_sign_times_scale():
+    w = torch.tensor([[0.5, -0.2, 0.1, -1.0]])
+    out = qdq_rtn(w, 1, -1, True)
+    assert torch.equal(torch.sign(out), torch.sign(w))
+    assert torch.allclose(out.abs(), torch.full_like(out, 1.0))
+
+
+def test_asymmetric_grid_represents_zero_exactly():
+    w = _weight(16, 64).abs() + 0.3  # all positive: asym must not waste levels on negatives
+    assert _mse(w, qdq_rtn(w, 3, -1, False)) < _mse(w, qdq_rtn(w, 3, -1, True))
+
+
+def test_ragged_last_group_is_quantized_too():
+    w = _weight(8, 100)
+    out = qdq_rtn(w, 4, 32, True)  # groups of 32, 32, 32 and 4
+    assert _mse(w[:, 96:], out[:, 96:]) < 0.05 * float((w[:, 96:] ** 2).mean())
+
+
+def test_storage_bits_count_scales_and_zeros():
+    assert storage_bits_per_weight(4, 128, 4096, sym=True) == pytest.approx(4 + 16 / 128)
+    assert storage_bits_per_weight(4, 128, 4096, sym=False) == pytest.approx(4 + 20 / 128)
+    assert storage_bits_per_weight(4, -1, 4096, sym=True) == pytest.approx(4 + 16 / 4096)
+
+
+def _calibration(cols=256, n=2048, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # Strongly correlated inputs with outlier channels: the regime GPTQ is made for.
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = torch.randn(n, cols, generator=g) @ mix
+    x[:, :8] *= 10
+    return x
+
+
+def _hessian(x):
+    acc = HessianAccumulator(x.shape[1], x.device)
+    for chunk in x.split(256):
+        acc.add(chunk)
+    return acc.H
+
+
+def test_hessian_accumulator_matches_closed_form():
+    x = _calibration(64, 1000)
+    assert torch.allclose(_hessian(x), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits, group_size", [(2, 64), (3, 128), (4, -1), (8, 32)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_layer_output_error(bits, group_size, act_order):
+    w, x = _weight(), _calibration()
+    H = _hessian(x)
+    q_gptq = gptq_quantize(w, H, bits, group_size, sym=True, damp_percent=0.01, act_order=act_order).weight
+    q_rtn = qdq_rtn(w, bits, group_size, sym=True)
+    out_err = lambda q: _mse(x @ w.t(), x @ q.t())  # noqa: E731
+    assert out_err(q_gptq) < out_err(q_rtn)
+
+
+def test_gptq_output_lies_on_the_quantization_grid():
+    w, x = _weight(16, 128), _calibration(128, 512)
+    q = gptq_quantize(w, _hessian(x), 3, 32, sym=False, static_groups=True, act_order=True).weight
+    for g in range(0, 128, 32):
+        for row in q[:, g:g + 32]:
+            assert len(torch.unique(row)) <= 8
+
+
+def test_gptq_handles_dead_inputs_and_raises_damping_when_needed():
+    w = _weight(16, 64)
+    x = _calibration(64, 32)  # fewer samples than columns: H is singular
+    x[:, 5] = 0
+    result = gptq_quantize(w, _hessian(x), 4, 32, damp_percent=1e-9)
+    assert torch.isfinite(result.weight).all()
+    assert torch.all(result.weight[:, 5] == 0)

@@ -1,0 +1,145 @@
+"""The whole loop through the real CLI: Hydra multirun → quantize → lm-eval → MLflow store → report."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+from sweep.report import COLUMNS, DELTAS
+
+EXPERIMENT = "smollm2-135m-4l"
+FAST = ["model=smollm2-135m-4l", "eval.limit.wikitext=1", "eval.limit.lambada=20", "bench.repeats=1",
+        "calibration.nsamples=4", "calibration.seqlen=64"]
+
+
+def _sweep(tmp_path, name, *args):
+    cmd = [sys.executable, "-m", "sweep", *FAST, *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.sweep.dir={tmp_path}/{name}", "-m"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _runs(tmp_path, role):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client, client.search_runs([exp.experiment_id], f"tags.`sweep.role` = '{role}'", max_results=100)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, embedded_model_dir):
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = _sweep(tmp, "first", "method=fp16,rtn,gptq", "bits=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp, proc
+
+
+def test_parent_run_with_one_child_per_grid_point(store):
+    tmp, proc = store
+    client, parents = _runs(tmp, "sweep")
+    _, children = _runs(tmp, "point")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["sweep.grid_size"] == "3"
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags["method"] for c in children} == {"fp16", "rtn", "gptq"}
+    assert "[3/3]" in proc.stderr  # progress names the grid point
+
+
+def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
+    tmp, _ = store
+    client, children = _runs(tmp, "point")
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["bits"] == "4" and run.data.params["model.num_layers"] == "4"
+        m = run.data.metrics
+        for key in ("wikitext.word_perplexity", "wikitext.bits_per_byte", "lambada.perplexity", "lambada.acc",
+                    "memory.weights_mb", "memory.packed_weights_mb", "memory.peak_mb", "memory.disk_mb",
+                    "latency.ttft_ms_p50", "latency.tokens_per_s", "latency.itl_ms_p50", "time.quantize_s"):
+            assert key in m, (run.data.tags["method"], key)
+        assert m["wikitext.word_perplexity"] > 1 and 0 <= m["lambada.acc"] <= 1
+        tags = run.data.tags
+        for key in ("backend", "weights", "device", "git.sha", "version.torch", "version.lm_eval", "calibration",
+                    "dtype", "sweep.config_hash"):
+            assert tags.get(key), key
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "samples.json", "lm_eval_results.json"} <= artifacts
+    by_method = {r.data.tags["method"]: r for r in children}
+    assert by_method["fp16"].data.tags["weights"] == "unquantized"
+    assert by_method["rtn"].data.tags["weights"] == "simulated"
+    assert by_method["gptq"].data.tags["calibration"].startswith("lambada_dev")
+    # A 4-bit packed model weighs far less than the fp32 baseline; the simulated one still weighs the same in memory.
+    assert by_method["rtn"].data.metrics["memory.packed_weights_mb"] < 0.9 * by_method["fp16"].data.metrics["memory.packed_weights_mb"]
+    samples = json.loads(client.download_artifacts(by_method["rtn"].info.run_id, "samples.json", str(tmp)) and
+                         open(f"{tmp}/samples.json").read())
+    assert len(samples) == 3 and all(s["completion"] for s in samples)
+
+
+def test_report_reads_the_store_back(store):
+    tmp, _ = store
+    proc = subprocess.run([sys.executable, "-m", "sweep.report", "--experiment", EXPERIMENT, "--tracking-uri",
+                           f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "report")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    csv = next((tmp / "report").glob("sweep-*.csv"))
+    df = pd.read_csv(csv)
+    assert list(df.columns[:len(COLUMNS)]) == list(COLUMNS)
+    assert len(df) == 3
+    base = df[df.method == "fp16"].iloc[0]
+    assert base["delta_word_ppl"] == 0
+    rtn = df[df.method == "rtn"].iloc[0]
+    assert rtn["delta_word_ppl"] == pytest.approx(rtn["wikitext_word_ppl"] - base["wikitext_word_ppl"])
+    assert set(DELTAS) <= set(df.columns)
+    md = csv.with_suffix(".md").read_text()
+    assert "simulated" in md and "unquantized" in md
+
+
+def test_relaunch_skips_finished_points(store):
+    tmp, _ = store
+    proc = _sweep(tmp, "again", "method=rtn,gptq", "bits=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("already finished") == 2
+    _, children = _runs(tmp, "point")
+    assert len(children) == 3  # nothing new was run
+    _, parents = _runs(tmp, "sweep")
+    newest = max(parents, key=lambda r: r.info.start_time)
+    reused = [k for k in newest.data.tags if k.startswith("sweep.reused.")]
+    assert len(reused) == 2
+
+
+def test_failing_grid_point_is_recorded_and_the_others_finish(tmp_path, monkeypatch, embedded_model_dir):
+    """Fault injection: RTN raises at bits=3; bits 2 and 4 must still finish."""
+    from sweep.methods.rtn import RoundToNearest
+
+    real = RoundToNearest.quantize
+
+    def flaky(self, model, calibration, progress):
+        if self.cfg.bits == 3:
+            raise RuntimeError("injected fault")
+        return real(self, model, calibration, progress)
+
+    monkeypatch.setattr(RoundToNearest, "quantize", flaky)
+    monkeypatch.chdir(REPO)
+    fast = [o for o in FAST if not o.startswith(("bench.", "eval."))]
+    monkeypatch.setattr(sys, "argv", ["sweep", *fast, "method=rtn", "bits=2,3,4", "eval=none", "bench=none",
+                                      f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                      f"hydra.sweep.dir={tmp_path}/sweep", "-m"])
+    from sweep.__main__ import app
+
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_info:
+        app()
+    assert exit_info.value.code == 1  # the sweep says it was not clean
+    client, children = _runs(tmp_path, "point")
+    status = {r.data.params["bits"]: r for r in children}
+    assert status["2"].info.status == "FINISHED" and status["4"].info.status == "FINISHED"
+    failed = status["3"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error.class"] == "RuntimeError" and "injected fault" in failed.data.tags["error.message"]
+    assert "error" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+    _, parents = _runs(tmp_path, "sweep")
+    assert parents[0].info.status == "FAILED"
