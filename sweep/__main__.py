@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def app(cfg: DictConfig) -> str:
     from sweep.sweeps import sweep_context
 
     logging.captureWarnings(True)
+    # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: the run is marked KILLED.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         config = to_sweep_config(cfg)
     except ConfigError as exc:
@@ -36,6 +39,10 @@ def app(cfg: DictConfig) -> str:
     if ctx is None and result.status == "FAILED":
         sys.exit(1)
     return result.status
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:

@@ -105,3 +105,20 @@ def test_cli_multirun_with_one_bad_point_runs_nothing(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "1 of 2 grid points are invalid" in proc.stderr and "bits=9" in proc.stderr
     assert "Launching" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("preset, size", [("bits_vs_group", 16), ("damp_sweep", 4), ("methods_at_4bit", 3)])
+def test_experiment_presets_expand_to_valid_grids(preset, size):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+    from sweep.sweeps import grid_overrides, validate_grid
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={preset}"], return_hydra_config=True)
+        jobs = grid_overrides(cfg)
+        assert len(jobs) == size
+        validate_grid("config", jobs)
+
