@@ -155,7 +155,9 @@ def model_location(cfg: ModelConfig, cache_dir: str) -> str:
 
 def load_model(cfg: ModelConfig, device: str, cache_dir: str, allow_hub: bool = False) -> Tuple[torch.nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; the load phase line says enough
     location = model_location(cfg, cache_dir)
     if not allow_hub:
         # Make any accidental Hub access fail fast instead of hanging on the network.

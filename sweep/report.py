@@ -151,7 +151,10 @@ def print_table(df: pd.DataFrame, title: str) -> None:
             else:
                 cells.append("" if v is None else str(v))
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: do not squeeze the table to 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 def latest_sweep(tracker: Tracker):

@@ -40,10 +40,12 @@ def task_manager(cache_dir: Path):
 
 def evaluate(model, tokenizer, cfg: EvalConfig, cache_dir: Path, seed: int = 0) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """Run each configured task (each with its own limit); return (metrics, lm-eval's raw results per task)."""
+    import datasets
     import lm_eval
 
     if not cfg.tasks:
         return {}, {}
+    datasets.disable_progress_bars()  # "Generating test split" bars; lm-eval's own request bars stay
     lm = make_lm(model, tokenizer, cfg)
     manager = task_manager(cache_dir)
     metrics: Dict[str, float] = {}
