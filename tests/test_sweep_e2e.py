@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -74,8 +75,8 @@ def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
     assert by_method["gptq"].data.tags["calibration"].startswith("lambada_dev")
     # A 4-bit packed model weighs far less than the fp32 baseline; the simulated one still weighs the same in memory.
     assert by_method["rtn"].data.metrics["memory.packed_weights_mb"] < 0.9 * by_method["fp16"].data.metrics["memory.packed_weights_mb"]
-    samples = json.loads(client.download_artifacts(by_method["rtn"].info.run_id, "samples.json", str(tmp)) and
-                         open(f"{tmp}/samples.json").read())
+    local = client.download_artifacts(by_method["rtn"].info.run_id, "samples.json", str(tmp))
+    samples = json.loads(Path(local).read_text())
     assert len(samples) == 3 and all(s["completion"] for s in samples)
 
 
