@@ -21,6 +21,8 @@ BITS_RANGE = range(1, 9)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EVAL_TASKS = ("wikitext", "lambada")
+MODEL_INITS = ("pretrained", "random")
+BENCH_MODES = ("eager", "static", "both")
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,12 @@ class ModelConfig:
     num_layers: Optional[int] = None
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    # "pretrained" loads weights from `path`; "random" builds `architecture` with random weights
+    # (real sizes for memory/latency on machines without model files; its quality is meaningless).
+    init: str = "pretrained"
+    # With init=random, `path` supplies only the tokenizer.
+    # Hugging Face config fields for init=random, including model_type (e.g. llama, qwen2).
+    architecture: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -73,6 +81,12 @@ class BenchConfig:
     chat_template: bool = True
     # Save the model once to a temporary directory to measure its size on disk.
     disk_size: bool = True
+    # Prompts per generate() call (the prompt list is repeated to fill the batch).
+    batch_size: int = 1
+    # "eager": generate() as users call it. "static": static KV cache + torch.compile/CUDA graphs,
+    # which removes the Python/launch overhead that makes eager decode host-bound on fast GPUs.
+    # "both" measures both (metrics latency.* and latency.static.*).
+    mode: str = "eager"
 
 
 @dataclass
@@ -166,6 +180,17 @@ def validate(cfg: SweepConfig) -> None:
         bad("model.dtype", cfg.model.dtype, f"one of {', '.join(DTYPES)}")
     if cfg.model.num_layers is not None and cfg.model.num_layers < 1:
         bad("model.num_layers", cfg.model.num_layers, "null or a positive number of decoder layers")
+    if cfg.model.init not in MODEL_INITS:
+        bad("model.init", cfg.model.init, f"one of {', '.join(MODEL_INITS)}")
+    elif cfg.model.init == "random":
+        arch = cfg.model.architecture or {}
+        if "model_type" not in arch:
+            bad("model.architecture", cfg.model.architecture,
+                "a mapping of Hugging Face config fields including model_type (e.g. llama) when model.init=random")
+    if cfg.bench.batch_size < 1:
+        bad("bench.batch_size", cfg.bench.batch_size, "at least 1")
+    if cfg.bench.mode not in BENCH_MODES:
+        bad("bench.mode", cfg.bench.mode, f"one of {', '.join(BENCH_MODES)}")
     if cfg.model.path.startswith("embedded:"):
         from sweep.models import EMBEDDED_MODELS
 

@@ -165,13 +165,36 @@ def load_model(cfg: ModelConfig, device: str, cache_dir: str, allow_hub: bool = 
     dtype = resolve_dtype(cfg.dtype, device)
     common = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     tokenizer = AutoTokenizer.from_pretrained(location, **common)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True, **common)
+    if cfg.init == "random":
+        model = random_model(cfg.architecture or {}, dtype, device, len(tokenizer))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True, **common)
     if cfg.num_layers is not None:
         truncate_layers(model, cfg.num_layers)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def random_model(architecture: dict, dtype: torch.dtype, device: str, tokenizer_size: int) -> torch.nn.Module:
+    """A model of the given architecture with random weights, built directly on `device`.
+
+    The weights follow the architecture's own initializer (small normal), so activations stay
+    finite and kernels see realistic magnitudes; the outputs are of course meaningless.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(architecture)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    if config.vocab_size < tokenizer_size:
+        raise ValueError(f"model.architecture.vocab_size={config.vocab_size} is smaller than the tokenizer "
+                         f"({tokenizer_size} tokens): token ids would fall outside the embedding")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
 
 
 def truncate_layers(model: torch.nn.Module, num_layers: int) -> None:

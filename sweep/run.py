@@ -8,7 +8,9 @@ from __future__ import annotations
 import gc
 import logging
 import platform
+import shutil
 import subprocess
+import tempfile
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +22,11 @@ import yaml
 from sweep import calibration as calib
 from sweep.config import SweepConfig, config_hash
 from sweep.measure import memory
-from sweep.measure.latency import measure_latency
+from sweep.backends.checkpoint import directory_size_mb
+from sweep.measure.latency import bandwidth_fraction, measure_latency
 from sweep.measure.quality import evaluate
 from sweep.methods import get_method
-from sweep.methods.base import UNQUANTIZED
+from sweep.methods.base import PACKED, UNQUANTIZED
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.progress import Progress
 from sweep.tracking import TAG_CONFIG_HASH, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker, flatten
@@ -118,7 +121,10 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     metrics["time.load_s"] = progress.phase_seconds["load"]
     tracker.set_tags(run_id, {"dtype": str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", ""),
                               "model.class": type(model).__name__,
-                              "model.parameters": sum(p.numel() for p in model.parameters())})
+                              "model.parameters": sum(p.numel() for p in model.parameters()),
+                              "model.init": cfg.model.init,
+                              # Random weights measure memory and speed at a real size; their quality is noise.
+                              "quality.meaningful": str(cfg.model.init != "random").lower()})
 
     samples = None
     if method_cls.needs_calibration:
@@ -129,10 +135,29 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     else:
         tracker.set_tags(run_id, {"calibration": "none"})
 
-    with progress.phase("quantize"), peaks.phase("quantize"):
-        report = method.quantize(model, samples, progress)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    workdir = tempfile.mkdtemp(prefix="quantize-", dir=_scratch_root(cache))
+    method.attach(tokenizer, workdir)
+    try:
+        with progress.phase("quantize"), peaks.phase("quantize"):
+            report = method.quantize(model, samples, progress)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        if report.model is not None:
+            # Path-based backends reload their packed checkpoint: measure that model from here on.
+            model, report.model = report.model, None
+        return _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, model, tokenizer,
+                                  report, cache)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _scratch_root(cache) -> str:
+    root = cache / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root)
+
+
+def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, model, tokenizer, report, cache):
     quantized = report.weights != UNQUANTIZED
     metrics["time.quantize_s"] = progress.phase_seconds["quantize"] if quantized else 0.0
     tracker.set_tags(run_id, {"backend": report.backend, "weights": report.weights, "kernel": report.kernel,
@@ -145,18 +170,38 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     metrics["quant.layers"] = float(report.num_layers)
 
     metrics["memory.weights_mb"] = memory.weight_footprint_mb(model)
-    metrics["memory.packed_weights_mb"] = memory.packed_weights_mb(model, report.layers, cfg.sym)
+    if report.weights == PACKED:
+        # The packed model is in memory: its footprint is measured, not estimated.
+        metrics["memory.packed_weights_mb"] = metrics["memory.weights_mb"]
+    else:
+        metrics["memory.packed_weights_mb"] = memory.packed_weights_mb(model, report.layers, cfg.sym)
     if report.layers:
         bits = sum(r["bits"] * r["in_features"] * r["out_features"] for r in report.layers.values())
         weights = sum(r["in_features"] * r["out_features"] for r in report.layers.values())
         metrics["quant.avg_bits"] = bits / weights
-    if cfg.bench.disk_size:
+    if report.saved_dir:
+        metrics["memory.disk_mb"] = directory_size_mb(report.saved_dir, "*.safetensors")
+    elif cfg.bench.disk_size:
         metrics["memory.disk_mb"] = memory.disk_size_mb(model)
 
     if cfg.bench.repeats > 0:
         with progress.phase("generate"), peaks.phase("generate"):
-            latency = measure_latency(model, tokenizer, cfg.bench, progress)
-        metrics.update({f"latency.{k}": v for k, v in latency.metrics().items()})
+            latencies, latency_errors = measure_latency(model, tokenizer, cfg.bench, progress)
+        for mode, error in latency_errors.items():
+            tracker.set_tags(run_id, {f"latency.{mode}.error": error})
+            progress.say(f"[yellow]latency mode {mode} failed: {error}[/yellow]")
+        for mode, result in latencies.items():
+            prefix = "latency." if mode == "eager" else f"latency.{mode}."
+            metrics.update({prefix + k: v for k, v in result.metrics().items()})
+            if device.startswith("cuda") and "tokens_per_s" in result.metrics():
+                # Decode at batch b streams every weight once per step: bytes x steps/s vs the device bandwidth.
+                metrics[prefix + "bandwidth_fraction"] = bandwidth_fraction(
+                    memory.weight_footprint_mb(model), result.metrics()["tokens_per_s"] / cfg.bench.batch_size)
+        if device.startswith("cuda"):
+            from sweep.measure.latency import device_bandwidth_gbps
+
+            metrics["device.bandwidth_gbps"] = device_bandwidth_gbps()
+        latency = latencies.get("eager") or next(iter(latencies.values()))
         tracker.log_json(run_id, latency.samples, "samples.json")
         tracker.log_json(run_id, {"ttft_ms": latency.ttft_ms, "itl_ms": latency.itl_ms,
                                   "request_ms": latency.request_ms, "new_tokens": latency.new_tokens},

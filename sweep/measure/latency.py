@@ -1,8 +1,14 @@
 """Generation latency on a fixed prompt set: time to first token, inter-token latency, tokens/s.
 
-Greedy decoding with the KV cache through `generate()`; a streamer timestamps every token as
-it is produced. Warm-up passes are run first and not counted. On CUDA every timestamp is
-taken after a synchronize, so it marks when the token really exists.
+Greedy decoding with the KV cache through `generate()`; a streamer timestamps every decode
+step as it is produced. Warm-up passes are run first and not counted. On CUDA every timestamp
+is taken after a synchronize, so it marks when the token really exists.
+
+Two modes (bench.mode): "eager" is generate() as users call it; on a fast GPU its decode is
+bound by Python and kernel launches, not by the weights. "static" uses a static KV cache, which
+lets transformers compile the decode step with CUDA graphs, so the step time approaches what
+the weights' memory traffic allows. At batch b every step yields b tokens: tokens_per_s counts
+all of them, itl_ms is the time per step.
 """
 from __future__ import annotations
 
@@ -15,6 +21,34 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from sweep.config import BenchConfig
+
+
+MODES = {"eager": ("eager",), "static": ("static",), "both": ("eager", "static")}
+_BANDWIDTH_GBPS: Dict[int, float] = {}
+
+
+def device_bandwidth_gbps(device_index: int = 0) -> float:
+    """Achievable device-memory bandwidth: a 1 GiB device-to-device copy (read + write), best of 5."""
+    if device_index not in _BANDWIDTH_GBPS:
+        n = 1 << 30
+        src = torch.empty(n, dtype=torch.uint8, device=f"cuda:{device_index}")
+        dst = torch.empty_like(src)
+        best = float("inf")
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        _BANDWIDTH_GBPS[device_index] = 2 * n / best / 1e9
+        del src, dst
+        torch.cuda.empty_cache()
+    return _BANDWIDTH_GBPS[device_index]
+
+
+def bandwidth_fraction(weights_mb: float, steps_per_s: float) -> float:
+    """Fraction of the memory-bandwidth bound reached by decode: weight bytes x steps/s / bandwidth."""
+    return weights_mb * 1024 * 1024 * steps_per_s / (device_bandwidth_gbps() * 1e9)
 
 
 class _TokenClock(BaseStreamer):
@@ -42,12 +76,13 @@ class LatencyResult:
     request_ms: List[float] = field(default_factory=list)
     new_tokens: List[int] = field(default_factory=list)
     samples: List[Dict[str, str]] = field(default_factory=list)
+    batch_size: int = 1
 
     def metrics(self) -> Dict[str, float]:
         if not self.request_ms:
             return {}
         decode_s = sum(r - t for r, t in zip(self.request_ms, self.ttft_ms)) / 1000
-        decode_tokens = sum(n - 1 for n in self.new_tokens)
+        decode_tokens = sum(n - 1 for n in self.new_tokens) * self.batch_size
         return {
             "ttft_ms_p50": _pct(self.ttft_ms, 50),
             "ttft_ms_p90": _pct(self.ttft_ms, 90),
@@ -57,7 +92,7 @@ class LatencyResult:
             # decode throughput: tokens after the first over the time after the first
             "tokens_per_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
             # end to end: every generated token over the whole request
-            "e2e_tokens_per_s": sum(self.new_tokens) / (sum(self.request_ms) / 1000),
+            "e2e_tokens_per_s": sum(self.new_tokens) * self.batch_size / (sum(self.request_ms) / 1000),
         }
 
 
@@ -76,18 +111,60 @@ def _encode(tokenizer, prompt: str, chat_template: bool, device) -> Dict[str, to
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def _batch(encodings: List[Dict[str, torch.Tensor]], index: int, batch_size: int, pad_id: int):
+    """Prompt `index` and the ones after it (cyclically), left-padded into one batch."""
+    if batch_size == 1:
+        return encodings[index]
+    chosen = [encodings[(index + j) % len(encodings)]["input_ids"][0] for j in range(batch_size)]
+    width = max(len(ids) for ids in chosen)
+    ids = torch.full((batch_size, width), pad_id, dtype=chosen[0].dtype, device=chosen[0].device)
+    mask = torch.zeros((batch_size, width), dtype=torch.long, device=chosen[0].device)
+    for row, seq in enumerate(chosen):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def measure_latency(model, tokenizer, cfg: BenchConfig, progress=None):
+    """Latency per mode of cfg.mode, and the error of each mode that could not run.
+
+    A compiled (static) mode can fail where eager works (a kernel torch.compile cannot trace):
+    that is recorded, not fatal, as long as one mode ran.
+    """
+    results: Dict[str, LatencyResult] = {}
+    errors: Dict[str, str] = {}
+    for mode in MODES[cfg.mode]:
+        try:
+            results[mode] = _measure_mode(model, tokenizer, cfg, mode, progress)
+        except Exception as exc:  # noqa: BLE001 - reported per mode; re-raised when no mode works
+            if len(MODES[cfg.mode]) == 1:
+                raise
+            errors[mode] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    if not results:
+        raise RuntimeError(f"no latency mode could run: {errors}")
+    return results, errors
+
+
 @torch.no_grad()
-def measure_latency(model, tokenizer, cfg: BenchConfig, progress=None) -> LatencyResult:
+def _measure_mode(model, tokenizer, cfg: BenchConfig, mode: str, progress=None) -> LatencyResult:
     device = next(model.parameters()).device
     sync = device.type == "cuda"
     encoded = [_encode(tokenizer, p, cfg.chat_template, device) for p in cfg.prompts]
+    if cfg.batch_size > 1:
+        tokenizer.padding_side = "left"
+    batches = [_batch(encoded, i, cfg.batch_size, tokenizer.pad_token_id) for i in range(len(encoded))]
     gen = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens, do_sample=False,
                pad_token_id=tokenizer.pad_token_id)
+    if mode == "static":
+        gen["cache_implementation"] = "static"
+    # Static mode compiles on the first calls (one graph per prompt shape): warm every prompt.
+    warm = batches if mode == "static" else batches[:1]
     for _ in range(cfg.warmup):
-        model.generate(**encoded[0], **gen)
-    result = LatencyResult()
-    runs = [(i, enc) for _ in range(cfg.repeats) for i, enc in enumerate(encoded)]
-    iterator = progress.track(runs, "latency", total=len(runs)) if progress else runs
+        for enc in warm:
+            model.generate(**enc, **gen)
+    result = LatencyResult(batch_size=cfg.batch_size)
+    runs = [(i, enc) for _ in range(cfg.repeats) for i, enc in enumerate(batches)]
+    iterator = progress.track(runs, f"latency ({mode})", total=len(runs)) if progress else runs
     for index, enc in iterator:
         clock = _TokenClock(sync)
         if sync:

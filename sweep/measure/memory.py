@@ -49,8 +49,26 @@ def disk_size_mb(model: torch.nn.Module) -> float:
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / MB
 
 
+def _nvml_used_bytes():
+    """A function returning the GPU's used memory as NVML sees it (all processes, incl. non-torch
+    allocations such as CUDA context and library workspaces), or None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            index = int(visible.split(",")[index])
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    except Exception:  # noqa: BLE001 - NVML is optional (absent on CPU machines, some containers)
+        return None
+
+
 class PeakMemory:
-    """Peak memory of each named phase: process RSS (sampled) and, on CUDA, torch's allocator peak."""
+    """Peak memory of each named phase: process RSS (sampled) and, on CUDA, torch's allocator
+    peaks (allocated, reserved) and the device's used memory sampled through NVML."""
 
     def __init__(self, device: str, interval_s: float = 0.05):
         self.device = device
@@ -61,14 +79,18 @@ class PeakMemory:
     def phase(self, name: str) -> Iterator[None]:
         proc = psutil.Process(os.getpid())
         peak = [proc.memory_info().rss]
+        cuda = self.device.startswith("cuda")
+        nvml = _nvml_used_bytes() if cuda else None
+        nvml_peak = [nvml() if nvml else 0]
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(self.interval_s):
                 peak[0] = max(peak[0], proc.memory_info().rss)
+                if nvml:
+                    nvml_peak[0] = max(nvml_peak[0], nvml())
 
         thread = threading.Thread(target=sample, daemon=True)
-        cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -84,6 +106,8 @@ class PeakMemory:
                 torch.cuda.synchronize()
                 self.peaks[f"gpu_allocated_peak_mb.{name}"] = torch.cuda.max_memory_allocated() / MB
                 self.peaks[f"gpu_reserved_peak_mb.{name}"] = torch.cuda.max_memory_reserved() / MB
+                if nvml:
+                    self.peaks[f"gpu_nvml_used_peak_mb.{name}"] = max(nvml_peak[0], nvml()) / MB
 
     def overall_peak_mb(self) -> float:
         """The number the report shows: accelerator peak on GPU, process peak on CPU."""

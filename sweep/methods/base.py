@@ -30,6 +30,10 @@ class QuantReport:
     kernel: str = "none"          # kernel that runs the weights at inference
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per quantized module: bits, group_size, in/out features, error
     notes: List[str] = field(default_factory=list)
+    # Set by backends that reload the packed checkpoint: the model to measure from now on
+    # (it replaces the one given to quantize()), and the directory holding that checkpoint.
+    model: Optional[nn.Module] = None
+    saved_dir: Optional[str] = None
 
     @property
     def num_layers(self) -> int:
@@ -47,6 +51,14 @@ class QuantMethod:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.options = self.parse_options(cfg.method)
+        # Set by the run (attach) for backends that work from a checkpoint directory.
+        self.tokenizer = None
+        self.workdir: Optional[str] = None
+
+    def attach(self, tokenizer, workdir: str) -> None:
+        """Give the method what path-based backends need: the tokenizer and a scratch directory."""
+        self.tokenizer = tokenizer
+        self.workdir = workdir
 
     @classmethod
     def parse_options(cls, method_cfg: Dict[str, Any]) -> Any:

@@ -5,6 +5,11 @@ Backend `torch` (the default on CPU) is this project's own implementation
 outputs of the already-quantized layers before it (sequential), and within a layer the linears
 are solved in execution order (true-sequential: q/k/v, then o, then gate/up, then down).
 The result is quantize-dequantized weights (`weights=simulated`).
+
+Backend `gptqmodel` (the default on CUDA when GPTQModel is installed) quantizes with GPTQModel,
+saves the packed checkpoint, and reloads it on a low-bit kernel (`method.kernel`): the run then
+measures the packed model (`weights=packed`). Bits GPTQModel cannot pack (1, 5, 6, 7) fall back
+to the torch backend with `weights=simulated` and a note saying so.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from typing import List
 
 import torch
 
-from sweep.methods.base import SIMULATED, QuantMethod, QuantReport
+from sweep.backends import available
+from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
+from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
 from sweep.quant.layers import (
@@ -24,15 +31,21 @@ from sweep.quant.layers import (
     sequential_groups,
 )
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "gptqmodel")
+KERNELS = ("auto",) + tuple(GPTQ_KERNEL_BITS)
 
 
 @dataclass
 class GPTQOptions:
-    backend: str = "torch"
+    # auto: gptqmodel on CUDA when it is installed, else torch.
+    backend: str = "auto"
+    # GPTQModel kernel that runs the packed weights; auto picks one per bit width (gptqmodel_backend.py).
+    kernel: str = "auto"
     block_size: int = 128
     true_sequential: bool = True
     static_groups: bool = False
+    # Calibration batch size for GPTQModel.
+    batch_size: int = 4
 
 
 class GPTQ(QuantMethod):
@@ -46,12 +59,59 @@ class GPTQ(QuantMethod):
         errors = []
         if options.backend not in BACKENDS:
             errors.append(f"method.backend={options.backend!r} is not allowed: backends are {', '.join(BACKENDS)}")
+        if options.kernel not in KERNELS:
+            errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
+        elif options.kernel != "auto" and cfg.bits not in GPTQ_KERNEL_BITS[options.kernel]:
+            errors.append(f"method.kernel={options.kernel!r} cannot run bits={cfg.bits}: it packs bits "
+                          f"{', '.join(map(str, GPTQ_KERNEL_BITS[options.kernel]))}")
+        if options.backend == "gptqmodel":
+            if cfg.device == "cpu":
+                errors.append("method.backend='gptqmodel' is not allowed with device=cpu here: sweep runs GPTQModel "
+                              "on CUDA only; use method.backend=torch on CPU")
+            if not available("gptqmodel"):
+                errors.append("method.backend='gptqmodel' is not allowed: gptqmodel is not installed "
+                              "(pip install 'gptqmodel>=7.6'), or use method.backend=torch")
+            if cfg.damp_percent >= 1.0:
+                errors.append(f"damp_percent={cfg.damp_percent!r} is not allowed with method.backend='gptqmodel': "
+                              "it needs a fraction in (0, 1)")
         if options.block_size < 1:
             errors.append(f"method.block_size={options.block_size!r} is not allowed: at least 1")
         return errors
 
-    @torch.no_grad()
+    def resolved_backend(self, device: str) -> str:
+        backend = self.options.backend
+        if backend == "auto":
+            backend = "gptqmodel" if device.startswith("cuda") and available("gptqmodel") else "torch"
+        return backend
+
     def quantize(self, model, calibration, progress) -> QuantReport:
+        device = str(next(model.parameters()).device)
+        if self.resolved_backend(device) == "gptqmodel":
+            if self.cfg.bits in PACKED_GPTQ_BITS:
+                return self._quantize_gptqmodel(model, calibration, device, progress)
+            report = self._quantize_torch(model, calibration, progress)
+            report.notes.append(f"GPTQModel packs bits {PACKED_GPTQ_BITS}, not {self.cfg.bits}: "
+                                "quantized with the torch backend, weights simulated")
+            return report
+        return self._quantize_torch(model, calibration, progress)
+
+    def _quantize_gptqmodel(self, model, calibration, device, progress) -> QuantReport:
+        cfg, opts = self.cfg, self.options
+        kernel = gptq_kernel_for(cfg.bits, opts.kernel)
+        layers = {name: layer_record(lin, cfg.bits, cfg.group_size, float("nan"))
+                  for name, lin in quantizable_linears(model, include_lm_head=cfg.quantize_lm_head).items()}
+        progress.say(f"GPTQModel: {len(layers)} linears, kernel {kernel}")
+        out = quantize_and_reload(
+            model, self.tokenizer, calibration, self.workdir, device,
+            dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
+                 damp_percent=cfg.damp_percent, true_sequential=opts.true_sequential,
+                 lm_head=cfg.quantize_lm_head),
+            kernel=kernel, batch_size=opts.batch_size, progress=progress)
+        return QuantReport(backend="gptqmodel", weights=PACKED, kernel=f"{kernel} ({', '.join(out['kernel_classes'])})",
+                           layers=layers, model=out["model"], saved_dir=out["saved_dir"])
+
+    @torch.no_grad()
+    def _quantize_torch(self, model, calibration, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options
         report = QuantReport(backend="sweep-torch", weights=SIMULATED)
         all_linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)

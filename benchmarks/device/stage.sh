@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One visit's worth of GPU benchmarks (docs/benchmarks.md). Run from the repo root on the GPU
+# machine after `. benchmarks/device/setup.sh`:  benchmarks/device/stage.sh STAGE
+# Every run goes to one MLflow store in .devstate/ (kept while the machine stays warm) and the
+# whole store is exported to $OUT after each stage.
+set -o pipefail
+export MLFLOW_TRACKING_URI=sqlite:///$PWD/.devstate/mlflow.db
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+ART="tracking.artifact_location=$PWD/.devstate/mlartifacts"
+OUT=${OUT:-.devstate/out}; mkdir -p "$OUT"
+sweep() { echo "=== python -m sweep $*"; python3 -m sweep "$ART" "$@" 2>&1 | grep -vE "it/s\]|s/it\]|━|░" ; }
+big="model=llama-3.1-8b-shape eval=none bench=gpu bench.warmup=1 bench.repeats=2"
+one="model=llama-3.2-1b-shape eval=none bench=gpu bench.repeats=1"
+case "$1" in
+  8b-fp16)   # the fp16 reference on the 8B shape: memory and decode speed
+    sweep $big method=fp16 bench.disk_size=false ;;
+  8b-gptq)   # GPTQ 4-bit through GPTQModel on the 8B shape: quantization time, packed memory, decode speed
+    sweep $big method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512 ;;
+  8b-more)   # bitsandbytes nf4 and AutoRound 4-bit (RTN mode) on the 8B shape
+    sweep $big method=bnb bits=4
+    sweep $big method=autoround bits=4 group_size=128 method.iters=0 calibration.nsamples=128 calibration.seqlen=512 ;;
+  1b)        # quantization time on the 1B shape: GPTQ and AutoRound (200 iters)
+    sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512
+    sweep $one method=autoround bits=4 group_size=128 method.iters=200 calibration.nsamples=128 calibration.seqlen=512 ;;
+  quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
+    sweep method=fp16 bench=none
+    sweep -m method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none ;;
+  quality-ar) # the embedded model: AutoRound at 2/3/4/8 bits, g128 and g32
+    sweep -m method=autoround bits=2,3,4,8 group_size=128,32 bench=none ;;
+  *) echo "unknown stage $1"; exit 2 ;;
+esac
+# (the command that calls this exports the store afterwards, also when a stage ran out of time)

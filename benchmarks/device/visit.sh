@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device call: set up (idempotent), run the named stages within a time budget, export the store.
+# usage: benchmarks/device/visit.sh SECONDS STAGE [STAGE ...]
+budget=$1; shift
+start=$(date +%s)
+. benchmarks/device/setup.sh > "$OUT/setup.log" 2>&1
+for stage in "$@"; do
+  left=$(( budget - ($(date +%s) - start) ))
+  [ "$left" -lt 30 ] && { echo "no time left for $stage"; break; }
+  echo "##### stage $stage ($left s left)"
+  timeout "$left" benchmarks/device/stage.sh "$stage" 2>&1 | tee -a "$OUT/stages.log" | grep -E "^===|done in|finished|FAILED|Error|error|skipped" | cut -c1-300
+done
+python3 benchmarks/device/export_runs.py "$OUT/runs.csv"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
+cp .devstate/mlflow.db "$OUT/" 2>/dev/null; true

@@ -1,0 +1,30 @@
+"""Adapters to third-party quantization libraries (GPTQModel, auto-round, bitsandbytes).
+
+Each is imported only when a run uses it, so the package stays importable on machines
+(CPU CI) where those libraries are not installed; `require()` turns a missing library into
+an error that says what to install.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+INSTALL_HINT = {
+    "gptqmodel": "pip install 'gptqmodel>=7.6' (GPU machines; see README, GPU backends)",
+    "auto_round": "pip install 'auto-round>=0.16'",
+    "bitsandbytes": "pip install 'bitsandbytes>=0.45'",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str):
+    if not available(module):
+        raise BackendUnavailable(f"{module} is not installed: {INSTALL_HINT.get(module, 'pip install ' + module)}")
+    return importlib.import_module(module)

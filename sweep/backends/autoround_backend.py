@@ -1,0 +1,47 @@
+"""auto-round (Intel): sign-gradient tuning of rounding and clipping, exported packed and reloaded.
+
+AutoRound quantizes the in-memory model, writes an export format (auto_round, auto_gptq or
+auto_awq), and transformers reloads that checkpoint onto auto-round's kernels, so generation and
+lm-eval run the packed weights. Bits without a packed kernel are exported in auto-round's
+"fake" format (quantize-dequantized fp16 weights) and reported as simulated.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from sweep.backends import require
+from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, scratch_dir
+
+PACKED_BITS = {"auto_round": (2, 3, 4, 8), "auto_gptq": (2, 3, 4, 8), "auto_awq": (4,)}
+
+
+def calibration_texts(tokenizer, samples: List[torch.Tensor]) -> List[str]:
+    # AutoRound tokenizes its dataset itself and needs every text to reach seqlen tokens;
+    # the run's calibration samples are exactly seqlen tokens long, so decode them back.
+    return [tokenizer.decode(s.reshape(-1), skip_special_tokens=True) for s in samples]
+
+
+def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
+                        export_format: str) -> Dict[str, Any]:
+    require("auto_round")
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM
+
+    packed = kwargs["bits"] in PACKED_BITS.get(export_format, ())
+    fmt = export_format if packed else "fake"
+    start = time.perf_counter()
+    rounder = AutoRound(model, tokenizer=tokenizer, dataset=calibration_texts(tokenizer, samples),
+                        device_map=device if device != "cuda" else 0, **kwargs)
+    out_dir = scratch_dir(workdir, f"autoround-{fmt}")
+    rounder.quantize_and_save(out_dir, format=fmt)
+    seconds = time.perf_counter() - start
+    del rounder
+    model.to("meta")
+    free_accelerator_memory()
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
+    reloaded.eval()
+    return {"model": reloaded, "saved_dir": out_dir, "format": fmt, "packed": packed,
+            "kernel_classes": kernel_classes(reloaded), "seconds": seconds}

@@ -1,0 +1,50 @@
+"""Moving models between memory and checkpoint directories, for libraries that quantize from a path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List
+
+import torch
+
+MB = 1024 * 1024
+
+
+def save_for_backend(model: torch.nn.Module, tokenizer, directory: str) -> str:
+    """Save the model as the run has it (dtype, truncation, random init) with its tokenizer."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def directory_size_mb(directory: str, pattern: str = "*") -> float:
+    return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file()) / MB
+
+
+def kernel_classes(model: torch.nn.Module, packages=("gptqmodel", "auto_round", "bitsandbytes")) -> List[str]:
+    """Class names of the modules that run packed weights (the low-bit kernels in use)."""
+    names = set()
+    for module in model.modules():
+        cls = type(module)
+        root = cls.__module__.split(".")[0]
+        if root in packages or "Linear4bit" in cls.__name__ or "Linear8bit" in cls.__name__:
+            if any(isinstance(t, torch.Tensor) for t in module.buffers(recurse=False)) or \
+                    any(True for _ in module.parameters(recurse=False)):
+                names.add(cls.__name__)
+    return sorted(names)
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def scratch_dir(workdir: str, name: str) -> str:
+    path = os.path.join(workdir, name)
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,79 @@
+"""GPTQModel (the maintained successor of AutoGPTQ): quantize from a checkpoint, save packed, reload on a kernel.
+
+Used by the `gptq` method (backend=gptqmodel) and the `awq` method. GPTQModel works from a
+directory, so the in-memory model is saved first (sweep/backends/checkpoint.py); the packed
+checkpoint it writes is then loaded back through the named kernel and replaces the run's model,
+so generation, lm-eval and memory are measured on the real low-bit kernels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from sweep.backends import require
+from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, save_for_backend, scratch_dir
+
+log = logging.getLogger(__name__)
+
+# Bits each GPTQModel kernel packs (seen on GPTQModel 7.6 on an H100; docs/benchmarks.md).
+GPTQ_KERNEL_BITS = {
+    "gptq_triton": (2, 4, 8),
+    "gptq_torch": (2, 3, 4, 8),
+    "gptq_exllama_v2": (4,),
+    "gptq_marlin": (4, 8),      # fastest at batch 1; its CUDA code compiles on first use (~4 min)
+}
+AWQ_KERNEL_BITS = {"awq_gemm_triton": (4,), "awq_torch": (4,), "awq_gemm": (4,), "awq_marlin": (4,)}
+PACKED_GPTQ_BITS = (2, 3, 4, 8)
+# "auto" in this project means a kernel that needs neither a download nor a long compile:
+# GPTQModel's own BACKEND.AUTO may try to fetch prebuilt kernels, which fails offline.
+DEFAULT_GPTQ_KERNEL = {2: "gptq_triton", 3: "gptq_torch", 4: "gptq_exllama_v2", 8: "gptq_triton"}
+DEFAULT_AWQ_KERNEL = "awq_gemm_triton"
+
+
+def gptq_kernel_for(bits: int, kernel: str) -> str:
+    if kernel != "auto":
+        return kernel
+    return DEFAULT_GPTQ_KERNEL[bits]
+
+
+def calibration_records(samples: List[torch.Tensor]) -> List[Dict[str, List[int]]]:
+    records = []
+    for sample in samples:
+        ids = sample.reshape(-1).tolist()
+        records.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return records
+
+
+def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, quant_kwargs: Dict[str, Any],
+                        kernel: str, batch_size: int = 4, progress=None) -> Dict[str, Any]:
+    """Save `model`, quantize the checkpoint with GPTQModel, save packed, reload on `kernel`.
+
+    Returns {"model", "saved_dir", "kernel", "kernel_classes", "seconds"}; the caller should drop
+    its reference to `model` (this function frees the accelerator copy before quantizing).
+    """
+    require("gptqmodel")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(4, os.cpu_count() or 1)))
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    source = save_for_backend(model, tokenizer, scratch_dir(workdir, "source"))
+    model.to("meta")  # the run keeps its handle, but the weights leave the accelerator
+    free_accelerator_memory()
+    start = time.perf_counter()
+    qmodel = GPTQModel.load(source, QuantizeConfig(**quant_kwargs), device=device)
+    if progress is not None:
+        progress.say(f"GPTQModel loaded the checkpoint; quantizing on {len(samples)} calibration samples")
+    qmodel.quantize(calibration_records(samples), batch_size=batch_size)
+    packed_dir = scratch_dir(workdir, "packed")
+    qmodel.save(packed_dir)
+    seconds = time.perf_counter() - start
+    del qmodel
+    free_accelerator_memory()
+    reloaded = GPTQModel.load(packed_dir, device=device, backend=kernel)
+    hf_model = reloaded.model
+    hf_model.eval()
+    return {"model": hf_model, "saved_dir": packed_dir, "kernel": kernel,
+            "kernel_classes": kernel_classes(hf_model), "seconds": seconds}

@@ -1,0 +1,69 @@
+"""AutoRound (Cheng et al. 2023, Intel auto-round): tuned rounding and clipping by signed gradient descent.
+
+Needs auto-round and a GPU in practice (it runs on CPU too, slowly). `iters=0` is auto-round's
+own RTN mode. The tuned model is exported in `export_format` and reloaded packed; bits that
+format cannot pack run with simulated weights (auto-round's fake format), tagged as such.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from sweep.backends import available
+from sweep.backends.autoround_backend import PACKED_BITS, quantize_and_reload
+from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
+from sweep.methods.rtn import layer_record
+from sweep.quant.layers import quantizable_linears
+
+EXPORT_FORMATS = tuple(PACKED_BITS)
+
+
+@dataclass
+class AutoRoundOptions:
+    iters: int = 200               # tuning steps per block; 0 = auto-round's RTN mode
+    lr: Optional[float] = None     # null: auto-round's default (1/iters)
+    batch_size: int = 8
+    export_format: str = "auto_round"   # auto_round | auto_gptq | auto_awq
+
+
+class AutoRoundMethod(QuantMethod):
+    name = "autoround"
+    knobs = frozenset({"bits", "group_size", "sym", "quantize_lm_head"})
+    needs_calibration = True
+    Options = AutoRoundOptions
+
+    @classmethod
+    def check_options(cls, cfg, options: AutoRoundOptions) -> List[str]:
+        errors = []
+        if options.iters < 0:
+            errors.append(f"method.iters={options.iters!r} is not allowed: 0 (RTN mode) or more tuning steps")
+        if options.batch_size < 1:
+            errors.append(f"method.batch_size={options.batch_size!r} is not allowed: at least 1")
+        if options.lr is not None and options.lr <= 0:
+            errors.append(f"method.lr={options.lr!r} is not allowed: null (auto-round's default) or > 0")
+        if options.export_format not in EXPORT_FORMATS:
+            errors.append(f"method.export_format={options.export_format!r} is not allowed: "
+                          f"formats are {', '.join(EXPORT_FORMATS)}")
+        if not available("auto_round"):
+            errors.append("method=autoround needs auto-round, which is not installed: pip install 'auto-round>=0.16'")
+        return errors
+
+    def quantize(self, model, calibration, progress) -> QuantReport:
+        cfg, opts = self.cfg, self.options
+        device = str(next(model.parameters()).device)
+        layers = {name: layer_record(lin, cfg.bits, cfg.group_size, float("nan"))
+                  for name, lin in quantizable_linears(model, include_lm_head=cfg.quantize_lm_head).items()}
+        kwargs = dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, iters=opts.iters,
+                      nsamples=len(calibration), seqlen=int(calibration[0].numel()),
+                      batch_size=min(opts.batch_size, len(calibration)), quant_lm_head=cfg.quantize_lm_head)
+        if opts.lr is not None:
+            kwargs["lr"] = opts.lr
+        progress.say(f"auto-round: {len(layers)} linears, iters={opts.iters}, export {opts.export_format}")
+        out = quantize_and_reload(model, self.tokenizer, calibration, self.workdir, device, kwargs, opts.export_format)
+        report = QuantReport(backend="auto-round", weights=PACKED if out["packed"] else SIMULATED,
+                             kernel=f"{out['format']} ({', '.join(out['kernel_classes']) or 'torch linear'})",
+                             layers=layers, model=out["model"], saved_dir=out["saved_dir"])
+        if not out["packed"]:
+            report.notes.append(f"{opts.export_format} packs bits {PACKED_BITS[opts.export_format]}, not {cfg.bits}: "
+                                "exported in auto-round's fake format, weights simulated")
+        return report
