@@ -24,6 +24,10 @@ case "$1" in
   1b)        # quantization time on the 1B shape: GPTQ and AutoRound (200 iters)
     sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512
     sweep $one method=autoround bits=4 group_size=128 method.iters=200 calibration.nsamples=128 calibration.seqlen=512 ;;
+  final)     # AutoRound 4-bit (RTN mode) packed on the 8B shape; fp16 vs GPTQ 4-bit (Triton kernel) on the 1B shape
+    sweep $big method=autoround bits=4 group_size=128 method.iters=0 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1
+    sweep $one method=fp16 bench.disk_size=false
+    sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512 ;;
   quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
     sweep method=fp16 bench=none
     sweep -m method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none ;;
