@@ -8,6 +8,7 @@ lm-eval run the packed weights. Bits without a packed kernel are exported in aut
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -24,6 +25,14 @@ def calibration_texts(tokenizer, samples: List[torch.Tensor]) -> List[str]:
     return [tokenizer.decode(s.reshape(-1), skip_special_tokens=True) for s in samples]
 
 
+def _checkpoint_dir(out_dir: str) -> str:
+    """auto-round may write the checkpoint into a subfolder named after the scheme: find it."""
+    found = sorted(Path(out_dir).rglob("config.json"), key=lambda p: len(p.parts))
+    if not found:
+        raise FileNotFoundError(f"auto-round wrote no config.json under {out_dir}")
+    return str(found[0].parent)
+
+
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
                         export_format: str) -> Dict[str, Any]:
     require("auto_round")
@@ -38,6 +47,7 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
     out_dir = scratch_dir(workdir, f"autoround-{fmt}")
     rounder.quantize_and_save(out_dir, format=fmt)
     seconds = time.perf_counter() - start
+    out_dir = _checkpoint_dir(out_dir)
     del rounder
     model.to("meta")
     free_accelerator_memory()
