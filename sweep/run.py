@@ -25,6 +25,7 @@ from sweep.measure.quality import evaluate
 from sweep.methods import get_method
 from sweep.methods.base import UNQUANTIZED
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
+from sweep.orphans import close_orphans, owner_tags
 from sweep.progress import Progress
 from sweep.tracking import TAG_CONFIG_HASH, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker, flatten
 
@@ -66,6 +67,8 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
     device = resolve_device(cfg.device)
     chash = config_hash(cfg, device)
     tracker = Tracker(cfg.tracking, cfg.model.name)
+    for orphan in close_orphans(tracker, f"tags.`{TAG_CONFIG_HASH}` = '{chash}'"):
+        progress.say(f"run {orphan} of this grid point lost its process earlier; marked KILLED")
 
     if cfg.resume and not cfg.force:
         previous = tracker.find_finished(chash)
@@ -77,15 +80,14 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
             return PointResult("SKIPPED", previous.info.run_id, dict(previous.data.metrics))
 
     tags = {TAG_ROLE: "point", TAG_CONFIG_HASH: chash, "method": cfg.method_name, "model": cfg.model.name,
-            "model.path": cfg.model.path, "device": device, **environment_tags(device)}
+            "model.path": cfg.model.path, "device": device, **environment_tags(device), **owner_tags()}
     if ctx is not None:
         tags[TAG_SWEEP_ID] = ctx.sweep_id
     run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
-    tracker.log_params(run_id, flatten(asdict(cfg)))
-    tracker.log_text(run_id, yaml.safe_dump(asdict(cfg), sort_keys=False), "config.yaml")
-    progress.say(f"MLflow run {run_id} in {tracker.uri}")
-
-    try:
+    try:  # from here on, any way out closes the run
+        tracker.log_params(run_id, flatten(asdict(cfg)))
+        tracker.log_text(run_id, yaml.safe_dump(asdict(cfg), sort_keys=False), "config.yaml")
+        progress.say(f"MLflow run {run_id} in {tracker.uri}")
         metrics = _measure(cfg, device, tracker, run_id, progress)
     except KeyboardInterrupt:
         _record_failure(tracker, run_id, "KILLED", log_file)
@@ -123,7 +125,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     samples = None
     if method_cls.needs_calibration:
         with progress.phase("calibrate"):
-            samples = calib.build_samples(tokenizer, cfg.calibration)
+            samples = calib.cached_samples(tokenizer, cfg.calibration, cache)
         tracker.set_tags(run_id, {"calibration": calib.describe(cfg.calibration),
                                   "calibration.tokens": sum(s.numel() for s in samples)})
     else:

@@ -65,7 +65,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, default_experiment: str):
         import logging
 
-        from mlflow.tracking import MlflowClient
+        from sweep.store import open_client
 
         # MLflow (configured when first imported, just above) prints store migrations at INFO
         # through its own console handler: route its warnings to our logging setup instead.
@@ -75,21 +75,22 @@ class Tracker:
         mlflow_log.setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = resolve_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = cfg.experiment or default_experiment
-        self.experiment_id = self._experiment(resolve_artifact_location(cfg, self.uri))
+        # Concurrent jobs may share one store: see sweep/store.py.
+        self.client, self.experiment_id = open_client(
+            self.uri, lambda client: self._experiment(client, resolve_artifact_location(cfg, self.uri)))
 
-    def _experiment(self, artifact_location: Optional[str]) -> str:
+    def _experiment(self, client, artifact_location: Optional[str]) -> str:
         from mlflow.exceptions import MlflowException
 
-        exp = self.client.get_experiment_by_name(self.experiment_name)
+        exp = client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+            return client.create_experiment(self.experiment_name, artifact_location=artifact_location)
         except MlflowException:
             # Another job created it between our lookup and our create.
-            exp = self.client.get_experiment_by_name(self.experiment_name)
+            exp = client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 raise
             return exp.experiment_id
