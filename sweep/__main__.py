@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from sweep.config import ConfigError, register_configs, to_sweep_config
+from sweep.model_checks import check_against_model
 from sweep.orphans import sigterm_as_interrupt
 
 register_configs()
@@ -29,6 +30,7 @@ def app(cfg: DictConfig) -> str:
     sigterm_as_interrupt()
     try:
         config = to_sweep_config(cfg)
+        check_against_model(config)
     except ConfigError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)

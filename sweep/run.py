@@ -27,6 +27,7 @@ from sweep.methods.base import UNQUANTIZED
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.orphans import close_orphans, owner_tags
 from sweep.progress import Progress
+from sweep.redact import public_config, redact_uri
 from sweep.tracking import TAG_CONFIG_HASH, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,10 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
         tags[TAG_SWEEP_ID] = ctx.sweep_id
     run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
     try:  # from here on, any way out closes the run
-        tracker.log_params(run_id, flatten(asdict(cfg)))
-        tracker.log_text(run_id, yaml.safe_dump(asdict(cfg), sort_keys=False), "config.yaml")
-        progress.say(f"MLflow run {run_id} in {tracker.uri}")
+        logged_config = public_config(asdict(cfg))  # no secrets in params or artifacts
+        tracker.log_params(run_id, flatten(logged_config))
+        tracker.log_text(run_id, yaml.safe_dump(logged_config, sort_keys=False), "config.yaml")
+        progress.say(f"MLflow run {run_id} in {redact_uri(tracker.uri)}")
         metrics = _measure(cfg, device, tracker, run_id, progress)
     except KeyboardInterrupt:
         _record_failure(tracker, run_id, "KILLED", log_file)

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from sweep.config import ConfigError, to_sweep_config
+from sweep.model_checks import check_against_model
 from sweep.orphans import close_orphans, owner_tags, sigterm_as_interrupt
+from sweep.redact import public_overrides, redact_uri
 from sweep.run import SweepContext
 from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 
@@ -53,7 +55,7 @@ def validate_grid(config_name: str, jobs: List[List[str]]) -> None:
     problems = []
     for overrides in jobs:
         try:
-            to_sweep_config(compose(config_name=config_name, overrides=overrides))
+            check_against_model(to_sweep_config(compose(config_name=config_name, overrides=overrides)))
         except ConfigError as exc:
             problems.append(f"{' '.join(overrides) or '(defaults)'}:\n    {str(exc).replace(chr(10), chr(10) + '    ')}")
     if problems:
@@ -104,14 +106,14 @@ class ParentRunCallback(Callback):
             self.tracker.client.update_run(self.parent_id, status="RUNNING")
         else:
             sweep_id = uuid.uuid4().hex[:12]
-            overrides = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+            overrides = public_overrides(list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)))
             self.parent_id = self.tracker.create_run(
                 f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
                 {TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, "sweep.dir": str(sweep_dir), "model": base.model.name,
                  **owner_tags()})
             self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": len(jobs)})
             state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
-        state.update(total=len(jobs), tracking_uri=self.tracker.uri, experiment=self.tracker.experiment_name)
+        state.update(total=len(jobs), tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name)
         state_file.write_text(json.dumps(state, indent=2))
         self.started = time.perf_counter()
         # Hydra skips on_multirun_end when the launcher is interrupted (Ctrl-C, SIGTERM): close the
@@ -119,7 +121,7 @@ class ParentRunCallback(Callback):
         sigterm_as_interrupt()
         atexit.register(self._close_interrupted)
         console.print(f"[bold]sweep[/bold] {len(jobs)} grid points → MLflow parent run {self.parent_id} "
-                      f"(experiment {self.tracker.experiment_name!r}, {self.tracker.uri})")
+                      f"(experiment {self.tracker.experiment_name!r}, {redact_uri(self.tracker.uri)})")
 
     def _close_interrupted(self) -> None:
         if self.closed or self.tracker is None or self.parent_id is None:

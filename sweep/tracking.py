@@ -32,6 +32,8 @@ def check_tracking_uri(uri: str) -> Optional[str]:
     parsed = urlparse(uri)
     if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme.split("+")[0] not in KNOWN_SCHEMES:
         return f"unknown scheme {parsed.scheme!r}; use one of {', '.join(KNOWN_SCHEMES)} or a local path"
+    if parsed.scheme in ("http", "https") and not parsed.hostname:
+        return "a tracking server URI needs a host, e.g. http://127.0.0.1:5000"
     if parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):]
         if not uri.startswith("sqlite:///") or not path:

@@ -17,6 +17,8 @@ from sweep.datasets import CHECKSUMS, data_file, write_wikitext_jsonl
 TASK_DIR = Path(__file__).parent
 # Our task names in lm-eval, by the short names used in configs and metric names.
 LM_EVAL_TASKS = {"wikitext": "sweep_wikitext", "lambada": "sweep_lambada"}
+# The vendored file (sweep/data/) each task reads.
+DATA_FILES = {"wikitext": "wikitext-2-raw-v1.test.raw", "lambada": "lambada_openai.test.jsonl"}
 
 
 def write_task_dir(target: Path) -> Path:
