@@ -177,4 +177,19 @@ def sweep_runs(tracker: Tracker, parent_id: str) -> Iterable:
                                           max_results=5000)
     parent = tracker.client.get_run(parent_id)
     reused = [v for k, v in parent.data.tags.items() if k.startswith(TAG_REUSED_PREFIX)]
-    return list(children) + [tracker.client.get_run(r) for r in reused]
+    return latest_attempts(list(children) + [tracker.client.get_run(r) for r in reused])
+
+
+def latest_attempts(runs: List) -> List:
+    """One run per grid point (config hash): a finished one if any, else the newest. A relaunch that
+    finishes a point killed or failed earlier in the same sweep supersedes that attempt (which
+    stays in the store)."""
+    def rank(run):
+        return run.info.status == "FINISHED", run.info.start_time
+
+    newest: Dict[str, Any] = {}
+    for run in runs:
+        key = run.data.tags.get(TAG_CONFIG_HASH, run.info.run_id)
+        if key not in newest or rank(run) > rank(newest[key]):
+            newest[key] = run
+    return sorted(newest.values(), key=lambda r: r.info.start_time)
