@@ -28,7 +28,8 @@ from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.orphans import close_orphans, owner_tags
 from sweep.progress import Progress
 from sweep.redact import public_config, redact_uri
-from sweep.tracking import TAG_CONFIG_HASH, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker, flatten
+from sweep.tracking import (TAG_CONFIG_HASH, TAG_NONFINITE, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker,
+                            flatten)
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     bad = tracker.log_metrics(run_id, metrics)
     if bad:
         # NaN/inf are never logged as numbers: the run says which metrics were not finite.
-        tracker.set_tags(run_id, {"status.nonfinite_metrics": ",".join(bad)})
+        tracker.set_tags(run_id, {TAG_NONFINITE: ",".join(bad)})
         progress.say(f"[yellow]non-finite metrics (not logged): {', '.join(bad)}[/yellow]")
     del model
     return metrics

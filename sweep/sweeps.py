@@ -29,7 +29,7 @@ from sweep.model_checks import check_against_model
 from sweep.orphans import close_orphans, owner_tags, sigterm_as_interrupt
 from sweep.redact import public_overrides, redact_uri
 from sweep.run import SweepContext
-from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+from sweep.tracking import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 
 SWEEP_FILE = "sweep.json"
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -155,6 +155,9 @@ class ParentRunCallback(Callback):
         for run in failed:
             console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "
                           f"{run.data.tags.get('error.class', '')} {run.data.tags.get('error.message', '')[:200]}")
+        for run in runs:
+            if run.data.tags.get(TAG_NONFINITE):
+                console.print(f"  [yellow]non-finite metrics[/yellow] {run.info.run_name}: {run.data.tags[TAG_NONFINITE]}")
         return len(failed)
 
 

@@ -25,6 +25,7 @@ TAG_ROLE = "sweep.role"              # "sweep" (parent) or "point" (child)
 TAG_CONFIG_HASH = "sweep.config_hash"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_REUSED_PREFIX = "sweep.reused."  # on a parent: config hash → id of the finished run it reused
+TAG_NONFINITE = "status.nonfinite_metrics"  # metrics that came out NaN/inf (not logged as numbers)
 
 
 def check_tracking_uri(uri: str) -> Optional[str]:
