@@ -149,6 +149,8 @@ class ParentRunCallback(Callback):
             self.tracker.log_file(self.parent_id, path, "summary")
         self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
                                                   "sweep.wall_s": time.perf_counter() - self.started})
+        if "sweep.interrupted" in self.tracker.client.get_run(self.parent_id).data.tags:
+            self.tracker.set_tags(self.parent_id, {"sweep.interrupted": "false"})  # a relaunch completed it
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
         console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
                       f"summary in {out_dir / 'summary.md'}")

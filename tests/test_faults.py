@@ -88,6 +88,7 @@ def test_killed_sweep_leaves_a_consistent_store_and_resumes(tmp_path, embedded_m
     assert sorted(r.info.status for r in points) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
     (parent,) = [r for r in runs if r.data.tags["sweep.role"] == "sweep"]
     assert parent.info.status == "FINISHED"  # the same sweep directory keeps its parent run
+    assert parent.data.tags["sweep.interrupted"] == "false"
 
 
 WRITER = textwrap.dedent("""
