@@ -203,9 +203,8 @@ def validate(cfg: SweepConfig) -> None:
     if cfg.bench.repeats > 0 and not cfg.bench.prompts:
         bad("bench.prompts", cfg.bench.prompts, "at least one prompt when bench.repeats > 0")
     if cfg.tracking.uri is not None:
-        from sweep.tracking import check_tracking_uri
-
         from sweep.redact import redact_uri
+        from sweep.tracking import check_tracking_uri
 
         problem = check_tracking_uri(cfg.tracking.uri)
         if problem:
@@ -245,14 +244,14 @@ def _validate_vendored_data(cfg: SweepConfig, bad) -> None:
     from sweep.datasets import DataIntegrityError, data_file
     from sweep.tasks import DATA_FILES
 
-    needed = [(f"eval.tasks={task}", DATA_FILES[task]) for task in cfg.eval.tasks if task in DATA_FILES]
+    needed = [("eval.tasks", task, DATA_FILES[task]) for task in cfg.eval.tasks if task in DATA_FILES]
     if cfg.calibration.source == "lambada_dev":
-        needed.append(("calibration.source=lambada_dev", "lambada.development.plain.txt"))
-    for what, name in needed:
+        needed.append(("calibration.source", "lambada_dev", "lambada.development.plain.txt"))
+    for field_name, value, file_name in needed:
         try:
-            data_file(name)
+            data_file(file_name)
         except DataIntegrityError as exc:
-            bad(what.split("=")[0], what.split("=")[1], f"its data file fails its check ({exc}); reinstall sweep")
+            bad(field_name, value, f"its data file fails its check ({exc}); reinstall sweep")
 
 
 # Fields that never change a grid point's result: they are left out of its identity.

@@ -32,6 +32,7 @@ from sweep.run import SweepContext
 from sweep.tracking import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 
 SWEEP_FILE = "sweep.json"
+TAG_INTERRUPTED = "sweep.interrupted"  # on a parent: "true" once interrupted, "false" once a relaunch completed it
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -128,7 +129,7 @@ class ParentRunCallback(Callback):
             return
         self.closed = True
         try:
-            self.tracker.set_tags(self.parent_id, {"sweep.interrupted": "true"})
+            self.tracker.set_tags(self.parent_id, {TAG_INTERRUPTED: "true"})
             self.tracker.finish(self.parent_id, "KILLED")
             console.print(f"[yellow]sweep interrupted[/yellow]: parent run {self.parent_id} marked KILLED; "
                           "re-launch the same command to run what is missing (finished points are skipped)")
@@ -149,8 +150,8 @@ class ParentRunCallback(Callback):
             self.tracker.log_file(self.parent_id, path, "summary")
         self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
                                                   "sweep.wall_s": time.perf_counter() - self.started})
-        if "sweep.interrupted" in self.tracker.client.get_run(self.parent_id).data.tags:
-            self.tracker.set_tags(self.parent_id, {"sweep.interrupted": "false"})  # a relaunch completed it
+        if TAG_INTERRUPTED in self.tracker.client.get_run(self.parent_id).data.tags:
+            self.tracker.set_tags(self.parent_id, {TAG_INTERRUPTED: "false"})
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
         console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
                       f"summary in {out_dir / 'summary.md'}")
