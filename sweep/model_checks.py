@@ -71,12 +71,17 @@ def group_size_errors(cfg, model_config: Dict[str, Any]) -> List[str]:
             + "".join(f", {g}" for g in allowed)]
 
 
-def check_against_model(cfg) -> None:
-    """Raise ConfigError for settings this model's shapes rule out (reads config.json; loads no weights)."""
+def check_against_model(cfg, model_config: Dict[str, Any] | None = None) -> None:
+    """Raise ConfigError for settings this model's shapes rule out.
+
+    Before loading, from the config.json of a local or embedded model (no weights are read); a Hub
+    model's config is only known once loaded, so run.py checks again with it before quantizing.
+    """
     from sweep.config import ConfigError
     from sweep.models import model_location
 
-    location = model_location(cfg.model, cfg.cache_dir)
-    errors = group_size_errors(cfg, read_model_config(location))
+    if model_config is None:
+        model_config = read_model_config(model_location(cfg.model, cfg.cache_dir))
+    errors = group_size_errors(cfg, model_config)
     if errors:
         raise ConfigError("invalid config for this model:\n  - " + "\n  - ".join(errors))

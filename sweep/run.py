@@ -24,6 +24,7 @@ from sweep.measure.latency import measure_latency
 from sweep.measure.quality import evaluate
 from sweep.methods import get_method
 from sweep.methods.base import UNQUANTIZED
+from sweep.model_checks import check_against_model
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.orphans import close_orphans, owner_tags
 from sweep.progress import Progress
@@ -121,6 +122,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     with progress.phase("load"), peaks.phase("load"):
         model, tokenizer = load_model(cfg.model, device, cfg.cache_dir, allow_hub=cfg.allow_hub)
     metrics["time.load_s"] = progress.phase_seconds["load"]
+    check_against_model(cfg, model.config.to_dict())  # a Hub model's shapes are known only now
     tracker.set_tags(run_id, {"dtype": str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", ""),
                               "model.class": type(model).__name__,
                               "model.parameters": sum(p.numel() for p in model.parameters())})
