@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from sweep.config import ConfigError, register_configs, to_sweep_config
+from sweep.model_checks import check_against_model
+from sweep.orphans import sigterm_as_interrupt
 
 register_configs()
 
@@ -26,9 +27,10 @@ def app(cfg: DictConfig) -> str:
 
     logging.captureWarnings(True)
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: the run is marked KILLED.
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     try:
         config = to_sweep_config(cfg)
+        check_against_model(config)
     except ConfigError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)
@@ -39,10 +41,6 @@ def app(cfg: DictConfig) -> str:
     if ctx is None and result.status == "FAILED":
         sys.exit(1)
     return result.status
-
-
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:

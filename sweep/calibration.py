@@ -5,16 +5,19 @@ from the LAMBADA test set, unrelated to WikiText).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
+from dataclasses import asdict
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 import torch
 
 from sweep.config import CalibrationConfig
-from sweep.datasets import data_file
+from sweep.cache import cached_tensor, sha256_file
+from sweep.datasets import CHECKSUMS, data_file
 
 
 def describe(cfg: CalibrationConfig) -> str:
@@ -82,3 +85,27 @@ def build_samples(tokenizer, cfg: CalibrationConfig) -> List[torch.Tensor]:
                          f"calibration.seqlen={cfg.seqlen} needs more")
     starts = [rng.randrange(0, ids.numel() - cfg.seqlen) for _ in range(cfg.nsamples)]
     return [ids[s:s + cfg.seqlen].unsqueeze(0) for s in starts]
+
+
+def cached_samples(tokenizer, cfg: CalibrationConfig, cache_dir: Path) -> List[torch.Tensor]:
+    """`build_samples`, computed once per (tokenizer, calibration config, source text) and then read back."""
+    inputs = {"calibration": asdict(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
+              "source": source_fingerprint(cfg),
+              # Any change to how samples are drawn (this file) invalidates old entries.
+              "code": sha256_file(Path(__file__))}
+    windows = cached_tensor(cache_dir, "calibration", inputs,
+                            lambda: torch.cat(build_samples(tokenizer, cfg), dim=0))
+    return [row.unsqueeze(0) for row in windows]
+
+
+def tokenizer_fingerprint(tokenizer) -> Dict[str, Any]:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"class": type(tokenizer).__name__, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+
+
+def source_fingerprint(cfg: CalibrationConfig) -> str:
+    if cfg.source == "lambada_dev":
+        return CHECKSUMS["lambada.development.plain.txt"]
+    if cfg.source.startswith("hub:"):
+        return cfg.source  # a Hub dataset is identified by its name only
+    return sha256_file(Path(cfg.source).expanduser())

@@ -57,6 +57,8 @@ class CalibrationConfig:
     seed: int = 0
     # Field read from .jsonl files and Hub datasets.
     text_field: str = "text"
+    # Expected sha256 of a local source file: checked before anything runs (and part of the config hash).
+    sha256: Optional[str] = None
 
 
 @dataclass
@@ -197,11 +199,16 @@ def validate(cfg: SweepConfig) -> None:
         model_id = cfg.model.path.split(":", 1)[1]
         if model_id not in EMBEDDED_MODELS:
             bad("model.path", cfg.model.path, f"embedded models are {', '.join('embedded:' + k for k in EMBEDDED_MODELS)}")
-    elif not Path(os.path.expanduser(cfg.model.path)).is_dir() and not cfg.allow_hub:
+    elif Path(os.path.expanduser(cfg.model.path)).is_dir():
+        from sweep.model_checks import model_dir_errors
+
+        errors.extend(model_dir_errors(Path(os.path.expanduser(cfg.model.path))))
+    elif not cfg.allow_hub:
         bad("model.path", cfg.model.path,
             "not a local directory, and Hub downloads are off: give a local model directory, "
             "an embedded model (embedded:smollm2-135m-instruct), or set allow_hub=true")
     _validate_calibration(cfg, bad)
+    _validate_vendored_data(cfg, bad)
     for task in cfg.eval.tasks:
         if task not in EVAL_TASKS:
             bad("eval.tasks", task, f"tasks are {', '.join(EVAL_TASKS)}")
@@ -221,11 +228,12 @@ def validate(cfg: SweepConfig) -> None:
     if cfg.bench.repeats > 0 and not cfg.bench.prompts:
         bad("bench.prompts", cfg.bench.prompts, "at least one prompt when bench.repeats > 0")
     if cfg.tracking.uri is not None:
+        from sweep.redact import redact_uri
         from sweep.tracking import check_tracking_uri
 
         problem = check_tracking_uri(cfg.tracking.uri)
         if problem:
-            bad("tracking.uri", cfg.tracking.uri, problem)
+            bad("tracking.uri", redact_uri(cfg.tracking.uri), problem)
     if name in available_methods():
         errors.extend(get_method(name).config_errors(cfg))
     if errors:
@@ -248,6 +256,27 @@ def _validate_calibration(cfg: SweepConfig, bad) -> None:
         bad("calibration.source", src, "'lambada_dev', an existing .txt/.jsonl file, or hub:<dataset>")
     elif path.suffix not in (".txt", ".jsonl", ".json"):
         bad("calibration.source", src, "a .txt (plain text) or .jsonl file")
+    elif cal.sha256 is not None:
+        from sweep.cache import sha256_file
+
+        digest = sha256_file(path)
+        if digest != cal.sha256.lower():
+            bad("calibration.sha256", cal.sha256, f"the sha256 of {src}, which is {digest} (the file changed?)")
+
+
+def _validate_vendored_data(cfg: SweepConfig, bad) -> None:
+    """The vendored files this config reads must match their recorded sha256."""
+    from sweep.datasets import DataIntegrityError, data_file
+    from sweep.tasks import DATA_FILES
+
+    needed = [("eval.tasks", task, DATA_FILES[task]) for task in cfg.eval.tasks if task in DATA_FILES]
+    if cfg.calibration.source == "lambada_dev":
+        needed.append(("calibration.source", "lambada_dev", "lambada.development.plain.txt"))
+    for field_name, value, file_name in needed:
+        try:
+            data_file(file_name)
+        except DataIntegrityError as exc:
+            bad(field_name, value, f"its data file fails its check ({exc}); reinstall sweep")
 
 
 # Fields that never change a grid point's result: they are left out of its identity.

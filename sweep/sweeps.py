@@ -9,6 +9,7 @@ and makes the exit status say how many points failed.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 import time
@@ -24,10 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from sweep.config import ConfigError, to_sweep_config
+from sweep.model_checks import check_against_model
+from sweep.orphans import close_orphans, owner_tags, sigterm_as_interrupt
+from sweep.redact import public_overrides, redact_uri
 from sweep.run import SweepContext
-from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+from sweep.tracking import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 
 SWEEP_FILE = "sweep.json"
+TAG_INTERRUPTED = "sweep.interrupted"  # on a parent: "true" once interrupted, "false" once a relaunch completed it
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -51,7 +56,7 @@ def validate_grid(config_name: str, jobs: List[List[str]]) -> None:
     problems = []
     for overrides in jobs:
         try:
-            to_sweep_config(compose(config_name=config_name, overrides=overrides))
+            check_against_model(to_sweep_config(compose(config_name=config_name, overrides=overrides)))
         except ConfigError as exc:
             problems.append(f"{' '.join(overrides) or '(defaults)'}:\n    {str(exc).replace(chr(10), chr(10) + '    ')}")
     if problems:
@@ -63,6 +68,7 @@ class ParentRunCallback(Callback):
         self.tracker: Optional[Tracker] = None
         self.parent_id: Optional[str] = None
         self.started = 0.0
+        self.closed = False
 
     # Hydra turns exceptions raised in callbacks into warnings and carries on; a sweep whose
     # parent run could not be set up must not start, so errors here exit instead.
@@ -78,6 +84,7 @@ class ParentRunCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            self.closed = True
             failed = self._end(config)
         except Exception as exc:  # noqa: BLE001
             console.print(f"[red]error: could not close the sweep's parent run:[/red] {type(exc).__name__}: {exc}")
@@ -93,23 +100,41 @@ class ParentRunCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state_file = sweep_dir / SWEEP_FILE
         self.tracker = Tracker(base.tracking, base.model.name)
+        close_orphans(self.tracker, f"tags.`{TAG_ROLE}` = 'sweep'")
         if state_file.is_file():  # re-launch into the same sweep dir: keep its parent run
             state = json.loads(state_file.read_text())
             self.parent_id = state["parent_run_id"]
             self.tracker.client.update_run(self.parent_id, status="RUNNING")
         else:
             sweep_id = uuid.uuid4().hex[:12]
-            overrides = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+            overrides = public_overrides(list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)))
             self.parent_id = self.tracker.create_run(
                 f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                {TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, "sweep.dir": str(sweep_dir), "model": base.model.name})
+                {TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, "sweep.dir": str(sweep_dir), "model": base.model.name,
+                 **owner_tags()})
             self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": len(jobs)})
             state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
-        state.update(total=len(jobs), tracking_uri=self.tracker.uri, experiment=self.tracker.experiment_name)
+        state.update(total=len(jobs), tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name)
         state_file.write_text(json.dumps(state, indent=2))
         self.started = time.perf_counter()
+        # Hydra skips on_multirun_end when the launcher is interrupted (Ctrl-C, SIGTERM): close the
+        # parent run on the way out instead, so the store never keeps a dead sweep RUNNING.
+        sigterm_as_interrupt()
+        atexit.register(self._close_interrupted)
         console.print(f"[bold]sweep[/bold] {len(jobs)} grid points → MLflow parent run {self.parent_id} "
-                      f"(experiment {self.tracker.experiment_name!r}, {self.tracker.uri})")
+                      f"(experiment {self.tracker.experiment_name!r}, {redact_uri(self.tracker.uri)})")
+
+    def _close_interrupted(self) -> None:
+        if self.closed or self.tracker is None or self.parent_id is None:
+            return
+        self.closed = True
+        try:
+            self.tracker.set_tags(self.parent_id, {TAG_INTERRUPTED: "true"})
+            self.tracker.finish(self.parent_id, "KILLED")
+            console.print(f"[yellow]sweep interrupted[/yellow]: parent run {self.parent_id} marked KILLED; "
+                          "re-launch the same command to run what is missing (finished points are skipped)")
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the store may lag
+            console.print(f"[red]could not mark the parent run KILLED:[/red] {type(exc).__name__}: {exc}")
 
     def _end(self, config: DictConfig) -> int:
         if self.tracker is None or self.parent_id is None:
@@ -125,12 +150,17 @@ class ParentRunCallback(Callback):
             self.tracker.log_file(self.parent_id, path, "summary")
         self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
                                                   "sweep.wall_s": time.perf_counter() - self.started})
+        if TAG_INTERRUPTED in self.tracker.client.get_run(self.parent_id).data.tags:
+            self.tracker.set_tags(self.parent_id, {TAG_INTERRUPTED: "false"})
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
         console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
                       f"summary in {out_dir / 'summary.md'}")
         for run in failed:
             console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "
                           f"{run.data.tags.get('error.class', '')} {run.data.tags.get('error.message', '')[:200]}")
+        for run in runs:
+            if run.data.tags.get(TAG_NONFINITE):
+                console.print(f"  [yellow]non-finite metrics[/yellow] {run.info.run_name}: {run.data.tags[TAG_NONFINITE]}")
         return len(failed)
 
 

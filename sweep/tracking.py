@@ -25,6 +25,7 @@ TAG_ROLE = "sweep.role"              # "sweep" (parent) or "point" (child)
 TAG_CONFIG_HASH = "sweep.config_hash"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_REUSED_PREFIX = "sweep.reused."  # on a parent: config hash → id of the finished run it reused
+TAG_NONFINITE = "status.nonfinite_metrics"  # metrics that came out NaN/inf (not logged as numbers)
 
 
 def check_tracking_uri(uri: str) -> Optional[str]:
@@ -32,6 +33,8 @@ def check_tracking_uri(uri: str) -> Optional[str]:
     parsed = urlparse(uri)
     if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme.split("+")[0] not in KNOWN_SCHEMES:
         return f"unknown scheme {parsed.scheme!r}; use one of {', '.join(KNOWN_SCHEMES)} or a local path"
+    if parsed.scheme in ("http", "https") and not parsed.hostname:
+        return "a tracking server URI needs a host, e.g. http://127.0.0.1:5000"
     if parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):]
         if not uri.startswith("sqlite:///") or not path:
@@ -65,7 +68,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, default_experiment: str):
         import logging
 
-        from mlflow.tracking import MlflowClient
+        from sweep.store import open_client
 
         # MLflow (configured when first imported, just above) prints store migrations at INFO
         # through its own console handler: route its warnings to our logging setup instead.
@@ -75,21 +78,22 @@ class Tracker:
         mlflow_log.setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = resolve_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = cfg.experiment or default_experiment
-        self.experiment_id = self._experiment(resolve_artifact_location(cfg, self.uri))
+        # Concurrent jobs may share one store: see sweep/store.py.
+        self.client, self.experiment_id = open_client(
+            self.uri, lambda client: self._experiment(client, resolve_artifact_location(cfg, self.uri)))
 
-    def _experiment(self, artifact_location: Optional[str]) -> str:
+    def _experiment(self, client, artifact_location: Optional[str]) -> str:
         from mlflow.exceptions import MlflowException
 
-        exp = self.client.get_experiment_by_name(self.experiment_name)
+        exp = client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+            return client.create_experiment(self.experiment_name, artifact_location=artifact_location)
         except MlflowException:
             # Another job created it between our lookup and our create.
-            exp = self.client.get_experiment_by_name(self.experiment_name)
+            exp = client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 raise
             return exp.experiment_id
@@ -174,4 +178,19 @@ def sweep_runs(tracker: Tracker, parent_id: str) -> Iterable:
                                           max_results=5000)
     parent = tracker.client.get_run(parent_id)
     reused = [v for k, v in parent.data.tags.items() if k.startswith(TAG_REUSED_PREFIX)]
-    return list(children) + [tracker.client.get_run(r) for r in reused]
+    return latest_attempts(list(children) + [tracker.client.get_run(r) for r in reused])
+
+
+def latest_attempts(runs: List) -> List:
+    """One run per grid point (config hash): a finished one if any, else the newest. A relaunch that
+    finishes a point killed or failed earlier in the same sweep supersedes that attempt (which
+    stays in the store)."""
+    def rank(run):
+        return run.info.status == "FINISHED", run.info.start_time
+
+    newest: Dict[str, Any] = {}
+    for run in runs:
+        key = run.data.tags.get(TAG_CONFIG_HASH, run.info.run_id)
+        if key not in newest or rank(run) > rank(newest[key]):
+            newest[key] = run
+    return sorted(newest.values(), key=lambda r: r.info.start_time)

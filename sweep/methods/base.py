@@ -47,6 +47,10 @@ class QuantMethod:
     needs_calibration: ClassVar[bool] = False
     # Method-specific options (the rest of conf/method/<name>.yaml), as a dataclass.
     Options: ClassVar[Optional[type]] = None
+    # Capabilities, checked before anything runs: the bit widths it can produce, and whether a
+    # group_size that does not divide a layer's in_features (a smaller last group) is allowed.
+    supported_bits: ClassVar[FrozenSet[int]] = frozenset(range(1, 9))
+    ragged_groups: ClassVar[bool] = False
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -80,7 +84,11 @@ class QuantMethod:
             options = cls.parse_options(cfg.method)
         except ValueError as exc:
             return [str(exc)]
-        return cls.check_options(cfg, options)
+        errors = cls.check_options(cfg, options)
+        if "bits" in cls.knobs and 1 <= cfg.bits <= 8 and cfg.bits not in cls.supported_bits:
+            errors.append(f"bits={cfg.bits!r} is not allowed for method {cls.name}: it supports "
+                          f"{', '.join(map(str, sorted(cls.supported_bits)))}")
+        return errors
 
     @classmethod
     def check_options(cls, cfg, options) -> List[str]:

@@ -52,6 +52,7 @@ class GPTQ(QuantMethod):
     name = "gptq"
     knobs = frozenset({"bits", "group_size", "sym", "damp_percent", "desc_act", "quantize_lm_head"})
     needs_calibration = True
+    ragged_groups = True  # the torch grid gives a ragged last group its own scale
     Options = GPTQOptions
 
     @classmethod

@@ -11,6 +11,7 @@ from sweep.quant.layers import quantizable_linears
 class RoundToNearest(QuantMethod):
     name = "rtn"
     knobs = frozenset({"bits", "group_size", "sym", "quantize_lm_head"})
+    ragged_groups = True  # the torch grid gives a ragged last group its own scale
 
     @torch.no_grad()
     def quantize(self, model, calibration, progress) -> QuantReport:

@@ -11,11 +11,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from sweep.datasets import data_file, write_wikitext_jsonl
+from sweep.cache import cached_file
+from sweep.datasets import CHECKSUMS, data_file, write_wikitext_jsonl
 
 TASK_DIR = Path(__file__).parent
 # Our task names in lm-eval, by the short names used in configs and metric names.
 LM_EVAL_TASKS = {"wikitext": "sweep_wikitext", "lambada": "sweep_lambada"}
+# The vendored file (sweep/data/) each task reads.
+DATA_FILES = {"wikitext": "wikitext-2-raw-v1.test.raw", "lambada": "lambada_openai.test.jsonl"}
 
 
 def write_task_dir(target: Path) -> Path:
@@ -23,12 +26,12 @@ def write_task_dir(target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     data_dir = target / "data"
     data_dir.mkdir(exist_ok=True)
-    docs = data_dir / "wikitext-2-raw-v1.test.docs.jsonl"
-    if not docs.is_file():
-        write_wikitext_jsonl(docs)
-    lambada = data_dir / "lambada_openai.test.jsonl"
-    if not lambada.is_file():
-        shutil.copyfile(data_file("lambada_openai.test.jsonl"), lambada)
+    # The prepared evaluation data is cached with a checksum: a corrupted copy is rebuilt, not scored.
+    cached_file(data_dir / "wikitext-2-raw-v1.test.docs.jsonl", write_wikitext_jsonl,
+                {"from": CHECKSUMS["wikitext-2-raw-v1.test.raw"]})
+    cached_file(data_dir / "lambada_openai.test.jsonl",
+                lambda tmp: shutil.copyfile(data_file("lambada_openai.test.jsonl"), tmp),
+                {"from": CHECKSUMS["lambada_openai.test.jsonl"]})
     for yaml_file in TASK_DIR.glob("*.yaml"):
         text = yaml_file.read_text().replace("__DATA__", str(data_dir))
         (target / yaml_file.name).write_text(text)
