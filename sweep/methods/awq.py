@@ -30,12 +30,11 @@ class AWQ(QuantMethod):
     knobs = frozenset({"bits", "group_size", "sym"})
     needs_calibration = True
     Options = AWQOptions
+    supported_bits = frozenset(AWQ_BITS)   # GPTQModel's AWQ GEMM kernels are 4-bit
 
     @classmethod
     def check_options(cls, cfg, options: AWQOptions) -> List[str]:
         errors = []
-        if cfg.bits not in AWQ_BITS:
-            errors.append(f"bits={cfg.bits!r} is not allowed with method=awq: AWQ kernels pack bits {AWQ_BITS}")
         if options.kernel not in KERNELS:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
         if cfg.device == "cpu":

@@ -32,13 +32,12 @@ class BitsAndBytes(QuantMethod):
     name = "bnb"
     knobs = frozenset({"bits"})
     Options = BnbOptions
+    supported_bits = frozenset(BNB_BITS)   # 4: nf4/fp4, 8: LLM.int8
+    ragged_groups = True                   # fixed 64-weight blocks over the flattened weight
 
     @classmethod
     def check_options(cls, cfg, options: BnbOptions) -> List[str]:
         errors = []
-        if cfg.bits not in BNB_BITS:
-            errors.append(f"bits={cfg.bits!r} is not allowed with method=bnb: bitsandbytes has 4-bit (nf4/fp4) "
-                          "and 8-bit (int8) weights only")
         if options.quant_type not in QUANT_TYPES:
             errors.append(f"method.quant_type={options.quant_type!r} is not allowed: one of {', '.join(QUANT_TYPES)}")
         if options.compute_dtype not in ("float16", "bfloat16", "float32"):
