@@ -105,7 +105,8 @@ class ParentRunCallback(Callback):
                 {TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, "sweep.dir": str(sweep_dir), "model": base.model.name})
             self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": len(jobs)})
             state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
-        state.update(total=len(jobs), tracking_uri=self.tracker.uri, experiment=self.tracker.experiment_name)
+        state.update(total=len(jobs), tracking_uri=self.tracker.uri, experiment=self.tracker.experiment_name,
+                     started=time.time())
         state_file.write_text(json.dumps(state, indent=2))
         self.started = time.perf_counter()
         console.print(f"[bold]sweep[/bold] {len(jobs)} grid points → MLflow parent run {self.parent_id} "
@@ -114,13 +115,15 @@ class ParentRunCallback(Callback):
     def _end(self, config: DictConfig) -> int:
         if self.tracker is None or self.parent_id is None:
             return 0
-        from sweep.report import build_table, find_baseline, write_table
+        from sweep.report import build_table, find_baseline, write_report
 
         runs = sweep_runs(self.tracker, self.parent_id)
         failed = [r for r in runs if r.info.status != "FINISHED"]
-        table = build_table(runs, baseline=find_baseline(self.tracker, runs))
+        baseline = find_baseline(self.tracker, runs)
+        table = build_table(runs, baseline=baseline)
         out_dir = Path(str(config.hydra.sweep.dir))
-        paths = write_table(table, out_dir / "summary")
+        title = f"sweep {self.tracker.client.get_run(self.parent_id).data.tags.get(TAG_SWEEP_ID)}: {len(runs)} runs"
+        paths = write_report(table, out_dir / "summary", title, runs, baseline, self.tracker.client)
         for path in paths:
             self.tracker.log_file(self.parent_id, path, "summary")
         self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
@@ -144,4 +147,4 @@ def sweep_context() -> Optional[SweepContext]:
         return None
     state: Dict[str, Any] = json.loads(state_file.read_text())
     return SweepContext(sweep_id=state["sweep_id"], parent_run_id=state["parent_run_id"],
-                        index=int(hc.job.num), total=int(state["total"]))
+                        index=int(hc.job.num), total=int(state["total"]), started=state.get("started"))
