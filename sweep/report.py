@@ -78,6 +78,8 @@ def build_table(runs: Sequence, baseline=None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for col in ("bits", "group_size", "damp_percent"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
+    # Integers with blanks (fp16 has no bits), the same type whether or not a sweep has a baseline.
+    df[["bits", "group_size"]] = df[["bits", "group_size"]].astype("Int64")
     for col in ("sym", "desc_act"):
         df[col] = df[col].map({"True": True, "False": False}).astype("object")
     # Knobs a method ignores are blank, not misleading (a baseline has no damp_percent).
@@ -142,15 +144,20 @@ def rounded(df: pd.DataFrame) -> pd.DataFrame:
         if pd.api.types.is_float_dtype(shown[col]):
             digits = 4 if col in ("lambada_acc", "delta_lambada_acc", "wikitext_bits_per_byte") else 2
             shown[col] = shown[col].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
+        elif shown[col].isna().any():
+            shown[col] = shown[col].astype(object).where(shown[col].notna(), "")
     return shown
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    shown = rounded(df.drop(columns=["run_id", "config_hash"]))
+    kept = df.drop(columns=["run_id", "config_hash"])
+    shown = rounded(kept)
+    align = ["right" if pd.api.types.is_numeric_dtype(kept[c]) and not pd.api.types.is_bool_dtype(kept[c]) else "left"
+             for c in kept.columns]
     note = ("weights: `packed` = run by a low-bit kernel; `simulated` = quantize-dequantized values in the "
             "original dtype (quality is real, speed and in-memory size are not those of a packed model); "
             "weight_mb = size in the packed format (computed for simulated runs).")
-    return shown.to_markdown(index=False) + "\n\n" + note
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n\n" + note
 
 
 def print_table(df: pd.DataFrame, title: str) -> None:
@@ -221,6 +228,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in paths:
             tracker.log_file(parent.info.run_id, p, "report")
         print(f"logged to parent run {parent.info.run_id} (artifacts report/)")
+    if parent is not None:
+        from sweep.ui import browse_hint, share_view
+
+        view = share_view(tracker.client, tracker.experiment_id, parent.data.tags.get(TAG_SWEEP_ID))
+        print(f"MLflow UI: {browse_hint(tracker.uri, view)}")
     return 0
 
 

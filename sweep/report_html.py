@@ -108,7 +108,7 @@ def _finished(df: pd.DataFrame, *cols: str) -> pd.DataFrame:
     ok = df["status"] == "FINISHED"
     for col in cols:
         ok &= df[col].notna()
-    return df[ok]
+    return df[ok].astype({"bits": float, "group_size": float})  # nullable Int64 → float (NaN) for matplotlib
 
 
 def _series_label(method: str, group_size: Any, weights: str) -> str:

@@ -26,6 +26,7 @@ from rich.console import Console
 from sweep.config import ConfigError, to_sweep_config
 from sweep.run import SweepContext
 from sweep.tracking import TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+from sweep.ui import browse_hint, share_view
 
 SWEEP_FILE = "sweep.json"
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -122,7 +123,8 @@ class ParentRunCallback(Callback):
         baseline = find_baseline(self.tracker, runs)
         table = build_table(runs, baseline=baseline)
         out_dir = Path(str(config.hydra.sweep.dir))
-        title = f"sweep {self.tracker.client.get_run(self.parent_id).data.tags.get(TAG_SWEEP_ID)}: {len(runs)} runs"
+        sweep_id = self.tracker.client.get_run(self.parent_id).data.tags.get(TAG_SWEEP_ID)
+        title = f"sweep {sweep_id}: {len(runs)} runs"
         paths = write_report(table, out_dir / "summary", title, runs, baseline, self.tracker.client)
         for path in paths:
             self.tracker.log_file(self.parent_id, path, "summary")
@@ -130,7 +132,8 @@ class ParentRunCallback(Callback):
                                                   "sweep.wall_s": time.perf_counter() - self.started})
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
         console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
-                      f"summary in {out_dir / 'summary.md'}")
+                      f"summary in {out_dir / 'summary.md'} and summary.html")
+        console.print(f"  MLflow UI: {browse_hint(self.tracker.uri, share_view(self.tracker.client, self.tracker.experiment_id, sweep_id))}")
         for run in failed:
             console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "
                           f"{run.data.tags.get('error.class', '')} {run.data.tags.get('error.message', '')[:200]}")

@@ -30,10 +30,16 @@ def share_view(client, experiment_id: str, sweep_id: str) -> str:
     state = {
         "searchFilter": f"tags.`sweep.id` = '{sweep_id}'",
         "selectedColumns": [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"tags.`{t}`" for t in VIEW_TAGS],
-        "columnWidths": {"attributes.`Run Name`": 400},
     }
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
     return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+
+
+def browse_hint(tracking_uri: str, view_path: str) -> str:
+    """How to open a view: the link itself for a tracking server, else the `mlflow ui` command and the link."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/") + view_path
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then open http://127.0.0.1:5000{view_path}"
 
 
 def free_port() -> int:

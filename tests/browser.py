@@ -58,7 +58,7 @@ def cell_text(driver, run_id: str, column: str) -> str:
     from selenium.webdriver.common.by import By
 
     cells = driver.find_elements(By.CSS_SELECTOR, f'[row-id="{run_id}"] [col-id="{column}"]')
-    return " ".join(c.text for c in cells).strip()
+    return " ".join((c.get_attribute("textContent") or "") for c in cells).strip()
 
 
 def open_sweep_view(driver, url: str, parent_id: str, child_ids: List[str], metric: str) -> Dict[str, str]:

@@ -58,3 +58,4 @@ def test_html_page_is_self_contained_with_figures_and_extra_sections():
     assert "Layer sensitivity" in page and "fp16 baseline" in page
     assert "<script" not in page and "http" not in page.replace("http://www.w3.org", "")  # nothing fetched
     assert page.count("<th>weights</th>") >= 3  # every table says packed/simulated
+
