@@ -2,7 +2,8 @@
 
 One row per grid point; columns in COLUMNS order (stable, documented in docs/report.md). CSV and
 Parquet keep full precision; the Markdown, the HTML page (sweep/report_html.py) and the terminal
-table round. The files are logged back to the sweep's parent run (artifacts `report/`). Deltas are against the fp16 baseline
+table round. The files are logged back to the sweep's parent run (artifacts `report/`), with a
+link to the sweep's view in the MLflow UI (sweep/ui.py). Deltas are against the fp16 baseline
 of the same sweep, or else the newest finished baseline in the experiment with the same model
 and evaluation settings.
 """
@@ -201,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sweep-id", default=None, help="parent run id or sweep.id tag (default: the latest sweep)")
     ap.add_argument("--all", action="store_true", help="every grid point run in the experiment, not one sweep")
     ap.add_argument("--out", default="outputs/report", help="output folder (default: %(default)s)")
-    ap.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    ap.add_argument("--no-log", action="store_true",
+                    help="write nothing to the store (no report artifacts on the parent run, no UI view)")
     args = ap.parse_args(argv)
 
     tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
@@ -228,7 +230,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in paths:
             tracker.log_file(parent.info.run_id, p, "report")
         print(f"logged to parent run {parent.info.run_id} (artifacts report/)")
-    if parent is not None:
         from sweep.ui import browse_hint, share_view
 
         view = share_view(tracker.client, tracker.experiment_id, parent.data.tags.get(TAG_SWEEP_ID))
