@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -56,6 +57,7 @@ def test_html_page_is_self_contained_with_figures_and_extra_sections():
     page = render_html(ReportData(df, "my sweep", baseline=df.iloc[0]), extra=[extra, lambda data: None])
     assert page.count("data:image/png;base64,") == 4  # three built-in figures + the extra one
     assert "Layer sensitivity" in page and "fp16 baseline" in page
-    assert "<script" not in page and "http" not in page.replace("http://www.w3.org", "")  # nothing fetched
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "<script" not in text and "http" not in text  # nothing is fetched
     assert page.count("<th>weights</th>") >= 3  # every table says packed/simulated
 
