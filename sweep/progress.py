@@ -42,6 +42,20 @@ class Progress:
                          leave=False, dynamic_ncols=True, mininterval=1.0))
 
 
+def sweep_eta(started: float, index: int, total: int) -> str:
+    """Where the sweep stands before grid point `index` (0-based) starts, with a naive ETA.
+
+    The ETA assumes points run one after another (Hydra's basic launcher) and take about the same time.
+    """
+    elapsed = time.time() - started
+    if index == 0:
+        return f"sweep: starting point 1 of {total}"
+    per_point = elapsed / index
+    return (f"sweep: {index}/{total} points done in {_fmt(elapsed)}, ~{_fmt(per_point)} per point, "
+            f"ETA {_fmt(per_point * (total - index))}")
+
+
 def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m:02d}:{s:02d}"
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

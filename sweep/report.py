@@ -1,7 +1,9 @@
 """`python -m sweep.report`: the summary table of a sweep, read back from the MLflow store.
 
-One row per grid point; columns in COLUMNS order (stable, documented in the README). CSV keeps
-full precision; the Markdown and the terminal table round. Deltas are against the fp16 baseline
+One row per grid point; columns in COLUMNS order (stable, documented in docs/report.md). CSV and
+Parquet keep full precision; the Markdown, the HTML page (sweep/report_html.py) and the terminal
+table round. The files are logged back to the sweep's parent run (artifacts `report/`), with a
+link to the sweep's view in the MLflow UI (sweep/ui.py). Deltas are against the fp16 baseline
 of the same sweep, or else the newest finished baseline in the experiment with the same model
 and evaluation settings.
 """
@@ -77,6 +79,8 @@ def build_table(runs: Sequence, baseline=None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for col in ("bits", "group_size", "damp_percent"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
+    # Integers with blanks (fp16 has no bits), the same type whether or not a sweep has a baseline.
+    df[["bits", "group_size"]] = df[["bits", "group_size"]].astype("Int64")
     for col in ("sym", "desc_act"):
         df[col] = df[col].map({"True": True, "False": False}).astype("object")
     # Knobs a method ignores are blank, not misleading (a baseline has no damp_percent).
@@ -114,23 +118,47 @@ def find_baseline(tracker: Tracker, runs: Sequence):
 
 
 def write_table(df: pd.DataFrame, stem: Path) -> List[Path]:
+    """CSV and Parquet at full precision, Markdown rounded."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    csv, md, parquet = stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".parquet")
     df.to_csv(csv, index=False)
+    df.to_parquet(parquet, index=False)
     md.write_text(to_markdown(df) + "\n")
-    return [csv, md]
+    return [csv, md, parquet]
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    shown = df.drop(columns=["run_id", "config_hash"]).copy()
+def write_report(df: pd.DataFrame, stem: Path, title: str, runs: Sequence = (), baseline=None,
+                 client=None) -> List[Path]:
+    """The table (CSV, Markdown, Parquet) plus the self-contained HTML page with plots."""
+    from sweep.report_html import ReportData, render_html
+
+    paths = write_table(df, stem)
+    page = stem.with_suffix(".html")
+    page.write_text(render_html(ReportData(df, title, _baseline_row(df, runs, baseline), runs, client)))
+    return paths + [page]
+
+
+def rounded(df: pd.DataFrame) -> pd.DataFrame:
+    """Floats as text for people: 4 decimals for accuracies and bits per byte, else 2; NaN blank."""
+    shown = df.copy()
     for col in shown.columns:
         if pd.api.types.is_float_dtype(shown[col]):
             digits = 4 if col in ("lambada_acc", "delta_lambada_acc", "wikitext_bits_per_byte") else 2
             shown[col] = shown[col].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
+        elif shown[col].isna().any():
+            shown[col] = shown[col].astype(object).where(shown[col].notna(), "")
+    return shown
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    kept = df.drop(columns=["run_id", "config_hash"])
+    shown = rounded(kept)
+    align = ["right" if pd.api.types.is_numeric_dtype(kept[c]) and not pd.api.types.is_bool_dtype(kept[c]) else "left"
+             for c in kept.columns]
     note = ("weights: `packed` = run by a low-bit kernel; `simulated` = quantize-dequantized values in the "
             "original dtype (quality is real, speed and in-memory size are not those of a packed model); "
             "weight_mb = size in the packed format (computed for simulated runs).")
-    return shown.to_markdown(index=False) + "\n\n" + note
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n\n" + note
 
 
 def print_table(df: pd.DataFrame, title: str) -> None:
@@ -174,13 +202,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sweep-id", default=None, help="parent run id or sweep.id tag (default: the latest sweep)")
     ap.add_argument("--all", action="store_true", help="every grid point run in the experiment, not one sweep")
     ap.add_argument("--out", default="outputs/report", help="output folder (default: %(default)s)")
+    ap.add_argument("--no-log", action="store_true",
+                    help="write nothing to the store (no report artifacts on the parent run, no UI view)")
     args = ap.parse_args(argv)
 
     tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
     if args.all:
         runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
                                           max_results=5000)
-        title, stem = f"experiment {args.experiment}: all runs", "all"
+        title, stem, parent = f"experiment {args.experiment}: all runs", "all", None
     else:
         parent = _find_parent(tracker, args.sweep_id) if args.sweep_id else latest_sweep(tracker)
         if parent is None:
@@ -190,11 +220,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = sweep_runs(tracker, parent.info.run_id)
         title = f"sweep {parent.data.tags.get(TAG_SWEEP_ID)} ({parent.info.run_name}, {len(runs)} runs)"
         stem = f"sweep-{parent.data.tags.get(TAG_SWEEP_ID)}"
-    df = build_table(runs, baseline=find_baseline(tracker, runs))
-    paths = write_table(df, Path(args.out) / stem)
+    baseline = find_baseline(tracker, runs)
+    df = build_table(runs, baseline=baseline)
+    paths = write_report(df, Path(args.out) / stem, title, runs, baseline, tracker.client)
     print_table(df, title)
     for p in paths:
         print(f"wrote {p}")
+    if parent is not None and not args.no_log:
+        for p in paths:
+            tracker.log_file(parent.info.run_id, p, "report")
+        print(f"logged to parent run {parent.info.run_id} (artifacts report/)")
+        from sweep.ui import browse_hint, share_view
+
+        view = share_view(tracker.client, tracker.experiment_id, parent.data.tags.get(TAG_SWEEP_ID))
+        print(f"MLflow UI: {browse_hint(tracker.uri, view)}")
     return 0
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from sweep import calibration as calib
 from sweep.config import SweepConfig, config_hash
+from sweep.dataset_inputs import dataset_inputs
 from sweep.measure import memory
 from sweep.backends.checkpoint import directory_size_mb
 from sweep.measure.latency import bandwidth_fraction, measure_latency
@@ -30,7 +31,7 @@ from sweep.methods.base import PACKED, UNQUANTIZED
 from sweep.model_checks import check_against_model
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.orphans import close_orphans, owner_tags
-from sweep.progress import Progress
+from sweep.progress import Progress, sweep_eta
 from sweep.redact import public_config, redact_uri
 from sweep.tracking import (TAG_CONFIG_HASH, TAG_NONFINITE, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker,
                             flatten)
@@ -46,6 +47,7 @@ class SweepContext:
     parent_run_id: str
     index: int
     total: int
+    started: Optional[float] = None   # time.time() when the sweep (this launch of it) started
 
 
 @dataclass
@@ -70,6 +72,8 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
     if ctx is not None:
         label = f"[{ctx.index + 1}/{ctx.total}] {label}"
     progress = Progress(label)
+    if ctx is not None and ctx.started:
+        progress.say(sweep_eta(ctx.started, ctx.index, ctx.total))
     device = resolve_device(cfg.device)
     chash = config_hash(cfg, device)
     tracker = Tracker(cfg.tracking, cfg.model.name)
@@ -121,6 +125,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     method_cls = get_method(cfg.method_name)
     method = method_cls(cfg)
     cache = cache_root(cfg.cache_dir)
+    tracker.client.log_inputs(run_id, datasets=dataset_inputs(cfg, method_cls.needs_calibration))
 
     with progress.phase("load"), peaks.phase("load"):
         model, tokenizer = load_model(cfg.model, device, cfg.cache_dir, allow_hub=cfg.allow_hub)

@@ -30,6 +30,7 @@ from sweep.orphans import close_orphans, owner_tags, sigterm_as_interrupt
 from sweep.redact import public_overrides, redact_uri
 from sweep.run import SweepContext
 from sweep.tracking import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+from sweep.ui import browse_hint, share_view
 
 SWEEP_FILE = "sweep.json"
 TAG_INTERRUPTED = "sweep.interrupted"  # on a parent: "true" once interrupted, "false" once a relaunch completed it
@@ -114,7 +115,8 @@ class ParentRunCallback(Callback):
                  **owner_tags()})
             self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": len(jobs)})
             state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
-        state.update(total=len(jobs), tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name)
+        state.update(total=len(jobs), tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name,
+                     started=time.time())
         state_file.write_text(json.dumps(state, indent=2))
         self.started = time.perf_counter()
         # Hydra skips on_multirun_end when the launcher is interrupted (Ctrl-C, SIGTERM): close the
@@ -139,13 +141,16 @@ class ParentRunCallback(Callback):
     def _end(self, config: DictConfig) -> int:
         if self.tracker is None or self.parent_id is None:
             return 0
-        from sweep.report import build_table, find_baseline, write_table
+        from sweep.report import build_table, find_baseline, write_report
 
         runs = sweep_runs(self.tracker, self.parent_id)
         failed = [r for r in runs if r.info.status != "FINISHED"]
-        table = build_table(runs, baseline=find_baseline(self.tracker, runs))
+        baseline = find_baseline(self.tracker, runs)
+        table = build_table(runs, baseline=baseline)
         out_dir = Path(str(config.hydra.sweep.dir))
-        paths = write_table(table, out_dir / "summary")
+        sweep_id = self.tracker.client.get_run(self.parent_id).data.tags.get(TAG_SWEEP_ID)
+        title = f"sweep {sweep_id}: {len(runs)} runs"
+        paths = write_report(table, out_dir / "summary", title, runs, baseline, self.tracker.client)
         for path in paths:
             self.tracker.log_file(self.parent_id, path, "summary")
         self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
@@ -154,7 +159,8 @@ class ParentRunCallback(Callback):
             self.tracker.set_tags(self.parent_id, {TAG_INTERRUPTED: "false"})
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
         console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
-                      f"summary in {out_dir / 'summary.md'}")
+                      f"summary in {out_dir / 'summary.md'} and summary.html")
+        console.print(f"  MLflow UI: {browse_hint(self.tracker.uri, share_view(self.tracker.client, self.tracker.experiment_id, sweep_id))}")
         for run in failed:
             console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "
                           f"{run.data.tags.get('error.class', '')} {run.data.tags.get('error.message', '')[:200]}")
@@ -174,4 +180,4 @@ def sweep_context() -> Optional[SweepContext]:
         return None
     state: Dict[str, Any] = json.loads(state_file.read_text())
     return SweepContext(sweep_id=state["sweep_id"], parent_run_id=state["parent_run_id"],
-                        index=int(hc.job.num), total=int(state["total"]))
+                        index=int(hc.job.num), total=int(state["total"]), started=state.get("started"))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,25 @@ def embedded_model_dir() -> Path:
     from sweep.models import embedded_model_dir as ensure
 
     return ensure("smollm2-135m-instruct", os.environ.get("SWEEP_CACHE", "~/.cache/sweep"))
+
+
+# A small real sweep (4-layer model, tiny eval) into a temporary MLflow store, shared by the
+# end-to-end, report and browser tests.
+EXPERIMENT = "smollm2-135m-4l"
+FAST = ["model=smollm2-135m-4l", "eval.limit.wikitext=1", "eval.limit.lambada=20", "bench.repeats=1",
+        "calibration.nsamples=4", "calibration.seqlen=64"]
+
+
+def run_sweep(tmp_path, name, *args):
+    cmd = [sys.executable, "-m", "sweep", *FAST, *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.sweep.dir={tmp_path}/{name}", "-m"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, embedded_model_dir):
+    """(store folder, the CompletedProcess) of `python -m sweep method=fp16,rtn,gptq bits=4 -m`."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = run_sweep(tmp, "first", "method=fp16,rtn,gptq", "bits=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp, proc

@@ -11,32 +11,14 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import EXPERIMENT, FAST, REPO, run_sweep as _sweep
+from sweep.datasets import CHECKSUMS
 from sweep.report import COLUMNS, DELTAS
-
-EXPERIMENT = "smollm2-135m-4l"
-FAST = ["model=smollm2-135m-4l", "eval.limit.wikitext=1", "eval.limit.lambada=20", "bench.repeats=1",
-        "calibration.nsamples=4", "calibration.seqlen=64"]
-
-
-def _sweep(tmp_path, name, *args):
-    cmd = [sys.executable, "-m", "sweep", *FAST, *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-           f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.sweep.dir={tmp_path}/{name}", "-m"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-
 
 def _runs(tmp_path, role):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name(EXPERIMENT)
     return client, client.search_runs([exp.experiment_id], f"tags.`sweep.role` = '{role}'", max_results=100)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, embedded_model_dir):
-    tmp = tmp_path_factory.mktemp("e2e")
-    proc = _sweep(tmp, "first", "method=fp16,rtn,gptq", "bits=4")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp, proc
 
 
 def test_parent_run_with_one_child_per_grid_point(store):
@@ -68,7 +50,15 @@ def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
                     "dtype", "sweep.config_hash"):
             assert tags.get(key), key
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "samples.json", "lm_eval_results.json"} <= artifacts
+        assert {"config.yaml", "samples.json", "lm_eval_results.json", "latency_samples.json"} <= artifacts
+        # The evaluation data as dataset inputs, told apart by their checksums.
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert inputs["wikitext-2-raw-v1/test"].dataset.digest == CHECKSUMS["wikitext-2-raw-v1.test.raw"][:16]
+        assert inputs["lambada_openai/test"].dataset.digest == CHECKSUMS["lambada_openai.test.jsonl"][:16]
+        assert json.loads(inputs["lambada_openai/test"].dataset.profile)["limit"] == 20
+        contexts = {d.dataset.name: d.tags[0].value for d in run.inputs.dataset_inputs}
+        assert contexts["wikitext-2-raw-v1/test"] == "eval"
+        assert ("lambada/development" in contexts) == (run.data.tags["method"] == "gptq")
     by_method = {r.data.tags["method"]: r for r in children}
     assert by_method["fp16"].data.tags["weights"] == "unquantized"
     assert by_method["rtn"].data.tags["weights"] == "simulated"
@@ -97,6 +87,21 @@ def test_report_reads_the_store_back(store):
     assert set(DELTAS) <= set(df.columns)
     md = csv.with_suffix(".md").read_text()
     assert "simulated" in md and "unquantized" in md
+    # CSV and Parquet hold the store's numbers unrounded, same columns in the same order.
+    _, children = _runs(tmp, "point")
+    logged_ppl = {r.info.run_id: r.data.metrics["wikitext.word_perplexity"] for r in children}
+    parquet = pd.read_parquet(csv.with_suffix(".parquet"))
+    exact = pd.read_csv(csv)
+    assert list(parquet.columns) == list(df.columns)
+    for table in (parquet, exact):
+        assert dict(zip(table["run_id"], table["wikitext_word_ppl"])) == logged_ppl
+    assert "data:image/png;base64," in csv.with_suffix(".html").read_text()
+    # The report went back to the sweep's parent run.
+    client, parents = _runs(tmp, "sweep")
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {f"report/{csv.stem}.{ext}" for ext in ("csv", "md", "parquet", "html")} <= logged
+    summary = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
+    assert {"summary/summary.html", "summary/summary.parquet"} <= summary
 
 
 def test_relaunch_skips_finished_points(store):

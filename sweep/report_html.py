@@ -1,0 +1,231 @@
+"""The report as one self-contained HTML page: tables plus matplotlib figures embedded as base64 PNG.
+
+Built-in figures: WikiText-2 perplexity vs bits per method, quality vs packed weight size with
+the Pareto front marked, decode tokens/s vs in-memory weights; each draws the fp16 baseline as a
+reference line. More sections plug in without touching this file: append a function to
+`EXTRA_SECTIONS` (or pass `extra=`); it gets the `ReportData` and returns a `Section` or None
+(None: nothing to show for this sweep, e.g. no per-layer data).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import pandas as pd
+
+WEIGHTS_NOTE = ("<b>weights</b>: <code>packed</code> = run by a low-bit kernel; <code>simulated</code> = "
+                "quantize-dequantized values in the original dtype (quality is real; speed and in-memory size are "
+                "those of the unquantized model); <code>unquantized</code> = the baseline. <b>weight_mb</b> is the size "
+                "in the packed format (computed for simulated runs).")
+QUALITY = "wikitext_word_ppl"
+SUMMARY_COLUMNS = ["method", "weights", "bits", "group_size", "wikitext_word_ppl", "delta_word_ppl", "lambada_acc",
+                   "delta_lambada_acc", "weight_mb", "delta_weight_mb", "tokens_per_s", "status"]
+
+
+@dataclass
+class ReportData:
+    table: pd.DataFrame                  # build_table's output, COLUMNS order
+    title: str
+    baseline: Optional[pd.Series] = None  # the fp16 row the deltas are against, if any
+    runs: Sequence = ()                  # the MLflow runs behind the rows (for sections that read artifacts)
+    client: Any = None                   # an MlflowClient on the same store
+
+
+@dataclass
+class Section:
+    title: str
+    figure: Any = None                   # a matplotlib Figure, embedded as PNG
+    caption: str = ""                    # HTML
+    html: str = ""                       # extra HTML after the figure (a table ...)
+
+
+SectionFn = Callable[[ReportData], Optional[Section]]
+# Extra figure sections, appended after the built-in ones (e.g. a per-layer sensitivity heat-map).
+EXTRA_SECTIONS: List[SectionFn] = []
+
+
+def pareto_front(df: pd.DataFrame, cost: str, loss: str) -> pd.Series:
+    """True for rows no other row beats on both `cost` and `loss` (lower is better for both)."""
+    ok = df[cost].notna() & df[loss].notna()
+    front = pd.Series(False, index=df.index)
+    best = math.inf
+    for idx, row in df[ok].sort_values([cost, loss]).iterrows():
+        if row[loss] < best:
+            front[idx] = True
+            best = row[loss]
+    return front
+
+
+def render_html(data: ReportData, extra: Optional[Sequence[SectionFn]] = None) -> str:
+    from sweep.report import rounded  # the same rounding as the Markdown
+
+    sections = [s for s in (fn(data) for fn in (*BUILTIN_SECTIONS, *(EXTRA_SECTIONS if extra is None else extra)))
+                if s is not None]
+    df = data.table
+    summary_cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
+    parts = [f"<h1>{html.escape(data.title)}</h1>", f"<p>{_baseline_sentence(data.baseline)}</p>",
+             "<h2>Summary</h2>", _table_html(rounded(df[summary_cols])), f"<p class=note>{WEIGHTS_NOTE}</p>"]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.figure is not None:
+            parts.append(f'<figure><img alt="{html.escape(section.title)}" src="data:image/png;base64,'
+                         f'{_png_base64(section.figure)}"><figcaption>{section.caption}</figcaption></figure>')
+        elif section.caption:
+            parts.append(f"<p>{section.caption}</p>")
+        parts.append(section.html)
+    parts += ["<h2>All columns</h2>", _table_html(rounded(df.drop(columns=["config_hash"]))),
+              f"<p class=note>{WEIGHTS_NOTE} Full precision: the CSV and Parquet files next to this page.</p>"]
+    return _PAGE.format(title=html.escape(data.title), body="\n".join(parts))
+
+
+def _baseline_sentence(base: Optional[pd.Series]) -> str:
+    if base is None:
+        return "No finished fp16 baseline with the same model and evaluation settings: deltas are empty."
+    return (f"Deltas are against the fp16 baseline <code>{html.escape(str(base['run']))}</code> "
+            f"(run {html.escape(str(base['run_id']))}): WikiText-2 word perplexity {base[QUALITY]:.2f}, "
+            f"LAMBADA accuracy {base['lambada_acc']:.3f}, {base['weight_mb']:.1f} MB of weights.")
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, na_rep="", classes="runs", border=0, escape=True)
+
+
+def _png_base64(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --- built-in figures ---------------------------------------------------------------------
+def _finished(df: pd.DataFrame, *cols: str) -> pd.DataFrame:
+    ok = df["status"] == "FINISHED"
+    for col in cols:
+        ok &= df[col].notna()
+    return df[ok].astype({"bits": float, "group_size": float})  # nullable Int64 → float (NaN) for matplotlib
+
+
+def _series_label(method: str, group_size: Any, weights: str) -> str:
+    group = "" if pd.isna(group_size) else (" per-channel" if group_size == -1 else f" g{int(group_size)}")
+    return f"{method}{group} ({weights})"
+
+
+def _point_label(row: pd.Series) -> str:
+    if pd.isna(row["bits"]):
+        return row["method"]
+    group = "ch" if row["group_size"] == -1 else f"g{int(row['group_size'])}"
+    return f"{row['method']} {int(row['bits'])}b {group}"
+
+
+def _baseline_line(ax, base: Optional[pd.Series], col: str, axis: str = "y") -> None:
+    if base is None or pd.isna(base.get(col)):
+        return
+    line = ax.axhline if axis == "y" else ax.axvline
+    line(base[col], color="black", linestyle="--", linewidth=1, label=f"fp16 baseline ({base[col]:.4g})")
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7.5, 4.5))
+
+
+def perplexity_vs_bits(data: ReportData) -> Optional[Section]:
+    df = _finished(data.table, "bits", QUALITY)
+    if df.empty:
+        return None
+    fig, ax = _figure()
+    for (method, group, weights), part in df.groupby(["method", "group_size", "weights"], dropna=False):
+        part = part.sort_values("bits")
+        ax.plot(part["bits"], part[QUALITY], marker="o" if weights == "packed" else "s",
+                fillstyle="full" if weights == "packed" else "none", label=_series_label(method, group, weights))
+    _baseline_line(ax, data.baseline, QUALITY)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(df["bits"].unique()))
+    ax.set(xlabel="bits per weight", ylabel="WikiText-2 word perplexity (log)",
+           title="Perplexity vs bits (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return Section("WikiText-2 perplexity vs bits", fig,
+                   "One line per method and group size; hollow markers are simulated weights.")
+
+
+def quality_vs_memory(data: ReportData) -> Optional[Section]:
+    df = _finished(data.table, "weight_mb", QUALITY)
+    if data.baseline is not None and data.baseline["run_id"] not in set(df["run_id"]):
+        df = pd.concat([df, data.baseline.to_frame().T], ignore_index=True).infer_objects()
+    if df.empty:
+        return None
+    front = pareto_front(df, "weight_mb", QUALITY)
+    fig, ax = _figure()
+    for method, part in df.groupby("method"):
+        ax.scatter(part["weight_mb"], part[QUALITY], label=method, s=36, zorder=3)
+    on_front = df[front].sort_values("weight_mb")
+    ax.plot(on_front["weight_mb"], on_front[QUALITY], color="crimson", drawstyle="steps-post", linewidth=1.2,
+            zorder=2, label="Pareto front")
+    ax.scatter(on_front["weight_mb"], on_front[QUALITY], s=140, facecolors="none", edgecolors="crimson", zorder=4)
+    for _, row in df.iterrows():
+        ax.annotate(_point_label(row), (row["weight_mb"], row[QUALITY]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    _baseline_line(ax, data.baseline, QUALITY)
+    ax.set_yscale("log")
+    ax.set(xlabel="weight size in the packed format (MB)", ylabel="WikiText-2 word perplexity (log)",
+           title="Quality vs weight memory (lower left is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    table = df[front].sort_values("weight_mb")[["run", "method", "weights", "bits", "group_size", "weight_mb",
+                                                QUALITY, "delta_word_ppl"]]
+    from sweep.report import rounded
+
+    return Section("Quality vs weight memory", fig,
+                   "Circled points are on the Pareto front: no other run is both smaller and better.",
+                   "<h3>Pareto front</h3>" + _table_html(rounded(table)))
+
+
+def speed_vs_memory(data: ReportData) -> Optional[Section]:
+    df = _finished(data.table, "in_memory_mb", "tokens_per_s")
+    if df.empty:
+        return None
+    fig, ax = _figure()
+    for (method, weights), part in df.groupby(["method", "weights"]):
+        ax.scatter(part["in_memory_mb"], part["tokens_per_s"], label=f"{method} ({weights})", s=36,
+                   marker="o" if weights == "packed" else "s")
+    for _, row in df.iterrows():
+        ax.annotate(_point_label(row), (row["in_memory_mb"], row["tokens_per_s"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    _baseline_line(ax, data.baseline, "tokens_per_s")
+    ax.set(xlabel="weights in memory as run (MB)", ylabel="decode tokens/s (batch 1)",
+           title="Speed vs memory (upper left is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    caption = "Decode throughput against the memory the weights took while it was measured."
+    if (df["weights"] == "simulated").any():
+        caption += " Simulated runs hold dequantized weights, so their speed and memory are those of the baseline."
+    return Section("Tokens/s vs memory", fig, caption)
+
+
+BUILTIN_SECTIONS: List[SectionFn] = [perplexity_vs_bits, quality_vs_memory, speed_vs_memory]
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }}
+table.runs {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }}
+table.runs th, table.runs td {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }}
+table.runs th {{ background: #f3f3f3; }}
+figure {{ margin: 0.5em 0 1.5em 0; }} figure img {{ max-width: 100%; }}
+figcaption, .note {{ color: #555; font-size: 13px; max-width: 60em; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
