@@ -26,6 +26,8 @@ COLUMNS: Dict[str, tuple] = {
     "weights": ("tag", "weights"),
     "bits": ("tag", "bits"),
     "group_size": ("tag", "group_size"),
+    "layer_bits": ("tag", "layer_bits"),          # uniform, or mixed (method.layer_bits)
+    "avg_bits": ("metric", "quant.bits_per_weight"),  # effective bits per weight, scale/zero overhead included
     "sym": ("param", "sym"),
     "damp_percent": ("param", "damp_percent"),
     "desc_act": ("param", "desc_act"),
@@ -174,9 +176,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sweep-id", default=None, help="parent run id or sweep.id tag (default: the latest sweep)")
     ap.add_argument("--all", action="store_true", help="every grid point run in the experiment, not one sweep")
     ap.add_argument("--out", default="outputs/report", help="output folder (default: %(default)s)")
+    ap.add_argument("--recommend", action="store_true",
+                    help="print the best finished configuration in the experiment under --budget-mb, and its command")
+    ap.add_argument("--budget-mb", type=float, default=None, help="packed weight budget in MB (as weight_mb)")
     args = ap.parse_args(argv)
+    if args.recommend and args.budget_mb is None:
+        ap.error("--recommend needs --budget-mb")
 
     tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
+    if args.recommend:
+        from sweep.recommend import print_recommendation
+
+        return print_recommendation(tracker, args.budget_mb)
     if args.all:
         runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
                                           max_results=5000)
@@ -193,6 +204,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     df = build_table(runs, baseline=find_baseline(tracker, runs))
     paths = write_table(df, Path(args.out) / stem)
     print_table(df, title)
+    from sweep.sensitivity import write_heatmap
+
+    heatmap = write_heatmap(tracker, Path(args.out))
+    paths += [heatmap] if heatmap else []
     for p in paths:
         print(f"wrote {p}")
     return 0

@@ -26,6 +26,7 @@ from sweep.methods import get_method
 from sweep.methods.base import UNQUANTIZED
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.progress import Progress
+from sweep.quant.layer_bits import average_bits
 from sweep.tracking import TAG_CONFIG_HASH, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def describe(cfg: SweepConfig) -> str:
     for knob in ("bits", "group_size", "sym", "damp_percent", "desc_act"):
         if knob in method.knobs:
             parts.append(f"{knob}={getattr(cfg, knob)}")
+    if cfg.method.get("layer_bits"):
+        parts.append(f"layer_bits=<{len(cfg.method['layer_bits'])} overrides>")
     return " ".join(parts)
 
 
@@ -81,7 +84,7 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
     if ctx is not None:
         tags[TAG_SWEEP_ID] = ctx.sweep_id
     run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
-    tracker.log_params(run_id, flatten(asdict(cfg)))
+    tracker.log_params(run_id, flatten(asdict(cfg), whole={"method.layer_bits"}))
     tracker.log_text(run_id, yaml.safe_dump(asdict(cfg), sort_keys=False), "config.yaml")
     progress.say(f"MLflow run {run_id} in {tracker.uri}")
 
@@ -137,7 +140,8 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     metrics["time.quantize_s"] = progress.phase_seconds["quantize"] if quantized else 0.0
     tracker.set_tags(run_id, {"backend": report.backend, "weights": report.weights, "kernel": report.kernel,
                               "bits": cfg.bits if quantized else "none",
-                              "group_size": cfg.group_size if quantized else "none"})
+                              "group_size": cfg.group_size if quantized else "none",
+                              "layer_bits": "mixed" if cfg.method.get("layer_bits") else "uniform"})
     if report.layers:
         tracker.log_json(run_id, report.layers, "quantized_layers.json")
     if report.notes:
@@ -146,10 +150,10 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
 
     metrics["memory.weights_mb"] = memory.weight_footprint_mb(model)
     metrics["memory.packed_weights_mb"] = memory.packed_weights_mb(model, report.layers, cfg.sym)
-    if report.layers:
-        bits = sum(r["bits"] * r["in_features"] * r["out_features"] for r in report.layers.values())
-        weights = sum(r["in_features"] * r["out_features"] for r in report.layers.values())
-        metrics["quant.avg_bits"] = bits / weights
+    metrics.update(average_bits(report.layers, cfg.sym))
+    metrics.update(report.metrics)
+    for name, content in report.artifacts.items():
+        tracker.log_json(run_id, content, name)
     if cfg.bench.disk_size:
         metrics["memory.disk_mb"] = memory.disk_size_mb(model)
 

@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from sweep.methods.base import SIMULATED, QuantMethod, QuantReport
+from sweep.methods.base import SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
 from sweep.quant.layers import (
@@ -28,7 +28,7 @@ BACKENDS = ("torch",)
 
 
 @dataclass
-class GPTQOptions:
+class GPTQOptions(MixedPrecisionOptions):
     backend: str = "torch"
     block_size: int = 128
     true_sequential: bool = True
@@ -43,7 +43,7 @@ class GPTQ(QuantMethod):
 
     @classmethod
     def check_options(cls, cfg, options: GPTQOptions) -> List[str]:
-        errors = []
+        errors = super().check_options(cfg, options)
         if options.backend not in BACKENDS:
             errors.append(f"method.backend={options.backend!r} is not allowed: backends are {', '.join(BACKENDS)}")
         if options.block_size < 1:
@@ -55,6 +55,7 @@ class GPTQ(QuantMethod):
         cfg, opts = self.cfg, self.options
         report = QuantReport(backend="sweep-torch", weights=SIMULATED)
         all_linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)
+        self.plan = self.layer_plan(all_linears)
         inputs = capture_first_layer_inputs(model, calibration)
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -83,10 +84,14 @@ class GPTQ(QuantMethod):
 
     def _solve(self, linear, H, full_name, report) -> None:
         cfg, opts = self.cfg, self.options
-        result = gptq_quantize(linear.weight.data, H, cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent,
+        setting = self.plan[full_name]
+        if not setting.quantized:
+            report.layers[full_name] = layer_record(linear, setting.bits, setting.group_size, 0.0)
+            return
+        result = gptq_quantize(linear.weight.data, H, setting.bits, setting.group_size, cfg.sym, cfg.damp_percent,
                                act_order=cfg.desc_act, static_groups=opts.static_groups, block_size=opts.block_size)
         linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-        report.layers[full_name] = layer_record(linear, cfg.bits, cfg.group_size, result.loss)
+        report.layers[full_name] = layer_record(linear, setting.bits, setting.group_size, result.loss)
         if result.damp_retries:
             report.notes.append(f"{full_name}: damping raised {result.damp_retries}x to make H positive definite")
 
