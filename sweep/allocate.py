@@ -28,7 +28,7 @@ from sweep.quant.grid import storage_bits_per_weight
 from sweep.quant.layer_bits import ALLOWED_BITS, KEEP_BITS
 
 MB = 1024 * 1024
-LAYER_BITS_DIR = Path(__file__).resolve().parent.parent / "conf" / "layer_bits"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_LEVELS = (3, 4, 8)
 MIN_SENSITIVITY = 1e-6   # nats: a group the probe cannot see degrade still costs something to quantize
 
@@ -112,10 +112,11 @@ def hydra_dict(mapping: Dict[str, Any]) -> str:
     return "{" + ",".join(f"{k}:{v}" for k, v in mapping.items()) + "}"
 
 
-def write_option(alloc: Allocation, name: str, source: str, directory: Path = LAYER_BITS_DIR) -> Path:
-    """conf/layer_bits/<name>.yaml: a config option that sets the whole allocation."""
+def write_option(alloc: Allocation, name: str, source: str, conf_dir: Path = CONF_DIR) -> Path:
+    """<conf_dir>/layer_bits/<name>.yaml: a config option that sets the whole allocation."""
     import yaml
 
+    directory = conf_dir / "layer_bits"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.yaml"
     body = {"group_size": alloc.group_size, "sym": alloc.sym, "quantize_lm_head": False,
@@ -144,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db")
     ap.add_argument("--run-id", default=None, help="sensitivity run (default: the newest finished one)")
     ap.add_argument("--name", default=None, help="config option name (default: <experiment>-<budget>)")
-    ap.add_argument("--out-dir", default=str(LAYER_BITS_DIR), help="where the option goes (default: %(default)s)")
+    ap.add_argument("--conf-dir", default=str(CONF_DIR),
+                    help="config root; the option goes to <conf-dir>/layer_bits/ (default: the repository's conf/)")
     args = ap.parse_args(argv)
 
     tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
@@ -165,12 +167,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     budget = f"b{args.budget_bits:g}" if args.budget_bits is not None else f"mb{args.budget_mb:g}"
     name = args.name or f"{args.experiment}-{budget}"
-    path = write_option(alloc, name, f"sensitivity run {run_id} (RTN {table['bits']}-bit)", Path(args.out_dir))
+    conf_dir = Path(args.conf_dir).resolve()
+    path = write_option(alloc, name, f"sensitivity run {run_id} (RTN {table['bits']}-bit)", conf_dir)
+    # Outside the repository's conf/, Hydra finds the option through its search path.
+    search = "" if conf_dir == CONF_DIR.resolve() else f" --config-dir {conf_dir}"
     counts = {b: sum(1 for v in alloc.bits.values() if v == b) for b in sorted(set(alloc.bits.values()))}
     print(f"allocation from sensitivity run {run_id}: groups per bit width {counts}, "
           f"{alloc.bits_per_weight:.4f} bits per decoder weight, {alloc.packed_mb:.2f} MB packed weights")
     print(f"wrote {path}")
-    print(f"run it beside uniform settings:  python -m sweep method=rtn +layer_bits=none,{name} -m")
+    print(f"run it beside uniform settings:  python -m sweep{search} method=rtn +layer_bits=none,{name} -m")
     print(f"or inline:  python -m sweep method=rtn group_size={alloc.group_size} sym={alloc.sym} "
           f"'+method.layer_bits={hydra_dict(alloc.layer_bits)}'")
     return 0

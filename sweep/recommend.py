@@ -8,7 +8,6 @@ those of the newest finished run that has a perplexity.
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -22,6 +21,7 @@ SHOWN = [QUALITY, "wikitext.bits_per_byte", "lambada.perplexity", "lambada.acc",
          "memory.peak_mb", "time.quantize_s", "latency.tokens_per_s"]
 # Config fields that never change a result, left out of the reproducing command.
 BOOKKEEPING = ("tracking", "resume", "force", "cache_dir")
+GROUPS = ("model", "calibration", "eval", "bench")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -52,15 +52,29 @@ def reproduce_command(tracker: Tracker, run) -> str:
     from dataclasses import asdict
 
     from sweep.config import register_configs, to_sweep_config
+    from sweep.sensitivity import read_artifact
 
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = yaml.safe_load(Path(tracker.client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text())
+    saved = yaml.safe_load(read_artifact(tracker, run.info.run_id, "config.yaml"))
     method = saved["method"]["name"]
     register_configs()
     GlobalHydra.instance().clear()
+    choices = [f"method={method}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        defaults = asdict(to_sweep_config(compose(config_name="config", overrides=[f"method={method}"])))
-    args = [f"method={method}"]
+        def resolved(overrides):
+            return asdict(to_sweep_config(compose(config_name="config", overrides=overrides)))
+
+        # Name config options where the run used one unchanged (model=smollm2-135m, bench=none, ...).
+        for group in GROUPS:
+            for option in sorted((REPO / "conf" / group).glob("*.yaml")):
+                try:
+                    same = resolved(choices + [f"{group}={option.stem}"])[group] == saved.get(group)
+                except Exception:  # noqa: BLE001 - an option that does not validate here is simply not it
+                    same = False
+                if same:
+                    choices.append(f"{group}={option.stem}")
+                    break
+        defaults = resolved(choices)
+    args = list(choices)
     for key, value in _flat(saved).items():
         if key.split(".")[0] in BOOKKEEPING or key == "method.name":
             continue

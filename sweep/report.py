@@ -139,7 +139,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cols = ["method", "weights", "bits", "group_size", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
+    cols = ["method", "weights", "bits", "group_size", "layer_bits", "avg_bits", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
             "weight_mb", "peak_mb", "quantize_s", "tokens_per_s", "ttft_ms", "delta_word_ppl", "status"]
     table = Table(title=title, show_lines=False)
     for col in cols:

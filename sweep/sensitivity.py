@@ -160,7 +160,7 @@ def heatmap_figure(table: Dict[str, Any]):
             ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
     head = next((r for r in table["groups"] if r["block"] == LM_HEAD), None)
     title = f"perplexity increase, RTN {table['bits']}-bit g{table['group_size']}\n(baseline {table['baseline_ppl']:.2f}"
-    title += f"; lm_head {head['delta_ppl']:+.2f})" if head else ")"
+    title += f"; lm_head {head['delta_ppl']:+.4g})" if head else ")"
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="Δ perplexity (probe)")
     return fig
@@ -175,9 +175,16 @@ def find_sensitivity_runs(tracker, model_path: Optional[str] = None) -> list:
 
 
 def load_table(tracker, run_id: str) -> Dict[str, Any]:
+    return json.loads(read_artifact(tracker, run_id, ARTIFACT))
+
+
+def read_artifact(tracker, run_id: str, name: str) -> str:
+    """The text of one artifact of a run (without MLflow's download progress bar)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.client.download_artifacts(run_id, ARTIFACT, tmp)
-        return json.loads(Path(path).read_text())
+        return Path(tracker.client.download_artifacts(run_id, name, tmp)).read_text()
 
 
 def write_heatmap(tracker, out_dir: Path, run_id: Optional[str] = None) -> Optional[Path]:
