@@ -55,7 +55,11 @@ def reproduce_command(tracker: Tracker, run) -> str:
     from sweep.sensitivity import read_artifact
 
     saved = yaml.safe_load(read_artifact(tracker, run.info.run_id, "config.yaml"))
+    from sweep.methods import get_method
+
     method = saved["method"]["name"]
+    # Calibration settings do not change a method that takes no calibration data: left out.
+    ignored = () if get_method(method).needs_calibration else ("calibration",)
     register_configs()
     GlobalHydra.instance().clear()
     choices = [f"method={method}"]
@@ -64,7 +68,7 @@ def reproduce_command(tracker: Tracker, run) -> str:
             return asdict(to_sweep_config(compose(config_name="config", overrides=overrides)))
 
         # Name config options where the run used one unchanged (model=smollm2-135m, bench=none, ...).
-        for group in GROUPS:
+        for group in (g for g in GROUPS if g not in ignored):
             for option in sorted((REPO / "conf" / group).glob("*.yaml")):
                 try:
                     same = resolved(choices + [f"{group}={option.stem}"])[group] == saved.get(group)
@@ -76,7 +80,7 @@ def reproduce_command(tracker: Tracker, run) -> str:
         defaults = resolved(choices)
     args = list(choices)
     for key, value in _flat(saved).items():
-        if key.split(".")[0] in BOOKKEEPING or key == "method.name":
+        if key.split(".")[0] in BOOKKEEPING + ignored or key == "method.name":
             continue
         default = _flat(defaults).get(key, _MISSING)
         if key == "method.layer_bits":

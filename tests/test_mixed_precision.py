@@ -29,21 +29,20 @@ def small_model(embedded_model_dir):
     return model, tokenizer, copy.deepcopy(model.state_dict())
 
 
-def _quantize(model, original, *overrides):
+def _quantize(small_model, *overrides):
     from sweep import calibration
 
+    model, tokenizer, original = small_model
     cfg = make_config(*SMALL, *overrides)
     model.load_state_dict(original)
     method = get_method(cfg.method_name)(cfg)
-    samples = None
-    if method.needs_calibration:
-        samples = calibration.build_samples(load_model(cfg.model, "cpu", cfg.cache_dir)[1], cfg.calibration)
+    samples = calibration.build_samples(tokenizer, cfg.calibration) if method.needs_calibration else None
     return cfg, method.quantize(model, samples, Progress("test", enabled=False))
 
 
 def test_rtn_overrides_reach_the_right_modules(small_model):
     model, _, original = small_model
-    cfg, report = _quantize(model, original, "method=rtn", "bits=4", "group_size=128", OVERRIDES)
+    cfg, report = _quantize(small_model, "method=rtn", "bits=4", "group_size=128", OVERRIDES)
     expect = {  # module → (bits, group_size): the last matching pattern wins, others keep bits=4 g128
         "model.layers.0.self_attn.q_proj": (3, 32), "model.layers.0.mlp.down_proj": (3, 32),
         "model.layers.1.self_attn.q_proj": (KEEP_BITS, 128), "model.layers.1.mlp.down_proj": (8, 128),
@@ -60,7 +59,7 @@ def test_rtn_overrides_reach_the_right_modules(small_model):
 
 def test_gptq_takes_the_same_overrides(small_model):
     model, _, original = small_model
-    _, report = _quantize(model, original, "method=gptq", "bits=4", OVERRIDES)
+    _, report = _quantize(small_model, "method=gptq", "bits=4", OVERRIDES)
     assert report.layers["model.layers.0.mlp.up_proj"]["bits"] == 3
     assert report.layers["model.layers.2.mlp.down_proj"]["bits"] == 8
     q = model.get_submodule("model.layers.0.mlp.up_proj").weight.data
@@ -102,8 +101,8 @@ def test_average_bits_arithmetic(small_model):
     per_weight.update(a=4 + 5 * (16 + 4) / 576, b=8 + (16 + 8) / 1536)
     assert asym["quant.bits_per_weight"] == pytest.approx(sum(per_weight[k] * n[k] for k in n) / sum(n.values()))
     # The same arithmetic as memory.packed_weights_mb on a real mixed model.
-    model, _, original = small_model
-    cfg, report = _quantize(model, original, "method=rtn", OVERRIDES)
+    model = small_model[0]
+    cfg, report = _quantize(small_model, "method=rtn", OVERRIDES)
     targets = sum(r["in_features"] * r["out_features"] for r in report.layers.values())
     quantized = {k + ".weight" for k in report.layers}
     rest = sum(t.numel() * t.element_size() * 8 for n_, t in list(model.named_parameters()) + list(model.named_buffers())
