@@ -141,7 +141,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     tracker.set_tags(run_id, {"backend": report.backend, "weights": report.weights, "kernel": report.kernel,
                               "bits": cfg.bits if quantized else "none",
                               "group_size": cfg.group_size if quantized else "none",
-                              "layer_bits": "mixed" if cfg.method.get("layer_bits") else "uniform"})
+                              "layer_bits": ("mixed" if cfg.method.get("layer_bits") else "uniform") if quantized else "none"})
     if report.layers:
         tracker.log_json(run_id, report.layers, "quantized_layers.json")
     if report.notes:
