@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -200,3 +200,25 @@ def truncate_layers(model: torch.nn.Module, num_layers: int) -> None:
     model.config.num_hidden_layers = num_layers
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def model_skeleton(cfg: ModelConfig, cache_dir: str) -> Optional[torch.nn.Module]:
+    """The model's modules on the meta device (no weights read, no download), or None when its
+    config is not on this machine yet (an embedded model not converted yet, a Hub id).
+    Lets config validation check module names before any model load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.path.startswith("embedded:"):
+        location = cache_root(cache_dir) / "models" / cfg.path.split(":", 1)[1]
+    else:
+        location = Path(os.path.expanduser(cfg.path))
+    if not (location / "config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if cfg.num_layers is not None:
+        from sweep.quant.layers import decoder_layers
+
+        truncate_layers(model, min(cfg.num_layers, len(decoder_layers(model))))
+    return model

@@ -28,6 +28,8 @@ COLUMNS: Dict[str, tuple] = {
     "weights": ("tag", "weights"),
     "bits": ("tag", "bits"),
     "group_size": ("tag", "group_size"),
+    "layer_bits": ("tag", "layer_bits"),          # uniform, or mixed (method.layer_bits)
+    "avg_bits": ("metric", "quant.bits_per_weight"),  # effective bits per weight, scale/zero overhead included
     "sym": ("param", "sym"),
     "damp_percent": ("param", "damp_percent"),
     "desc_act": ("param", "desc_act"),
@@ -165,7 +167,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cols = ["method", "weights", "bits", "group_size", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
+    cols = ["method", "weights", "bits", "group_size", "layer_bits", "avg_bits", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
             "weight_mb", "peak_mb", "quantize_s", "tokens_per_s", "ttft_ms", "delta_word_ppl", "status"]
     table = Table(title=title, show_lines=False)
     for col in cols:
@@ -204,9 +206,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default="outputs/report", help="output folder (default: %(default)s)")
     ap.add_argument("--no-log", action="store_true",
                     help="write nothing to the store (no report artifacts on the parent run, no UI view)")
+    ap.add_argument("--recommend", action="store_true",
+                    help="print the best finished configuration in the experiment under --budget-mb, and its command")
+    ap.add_argument("--budget-mb", type=float, default=None, help="packed weight budget in MB (as weight_mb)")
     args = ap.parse_args(argv)
+    if args.recommend and args.budget_mb is None:
+        ap.error("--recommend needs --budget-mb")
 
     tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
+    if args.recommend:
+        from sweep.recommend import print_recommendation
+
+        return print_recommendation(tracker, args.budget_mb)
     if args.all:
         runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
                                           max_results=5000)
@@ -224,6 +235,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     df = build_table(runs, baseline=baseline)
     paths = write_report(df, Path(args.out) / stem, title, runs, baseline, tracker.client)
     print_table(df, title)
+    from sweep.sensitivity import write_heatmap
+
+    heatmap = write_heatmap(tracker, Path(args.out))
+    paths += [heatmap] if heatmap else []
     for p in paths:
         print(f"wrote {p}")
     if parent is not None and not args.no_log:

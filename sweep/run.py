@@ -32,6 +32,7 @@ from sweep.model_checks import check_against_model
 from sweep.models import cache_root, load_model, resolve_device, resolve_dtype
 from sweep.orphans import close_orphans, owner_tags
 from sweep.progress import Progress, sweep_eta
+from sweep.quant.layer_bits import average_bits
 from sweep.redact import public_config, redact_uri
 from sweep.tracking import (TAG_CONFIG_HASH, TAG_NONFINITE, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker,
                             flatten)
@@ -64,6 +65,8 @@ def describe(cfg: SweepConfig) -> str:
     for knob in ("bits", "group_size", "sym", "damp_percent", "desc_act"):
         if knob in method.knobs:
             parts.append(f"{knob}={getattr(cfg, knob)}")
+    if cfg.method.get("layer_bits"):
+        parts.append(f"layer_bits=<{len(cfg.method['layer_bits'])} overrides>")
     return " ".join(parts)
 
 
@@ -96,7 +99,7 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
     run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
     try:  # from here on, any way out closes the run
         logged_config = public_config(asdict(cfg))  # no secrets in params or artifacts
-        tracker.log_params(run_id, flatten(logged_config))
+        tracker.log_params(run_id, flatten(logged_config, whole={"method.layer_bits"}))
         tracker.log_text(run_id, yaml.safe_dump(logged_config, sort_keys=False), "config.yaml")
         progress.say(f"MLflow run {run_id} in {redact_uri(tracker.uri)}")
         metrics = _measure(cfg, device, tracker, run_id, progress)
@@ -174,7 +177,8 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
     metrics["time.quantize_s"] = progress.phase_seconds["quantize"] if quantized else 0.0
     tracker.set_tags(run_id, {"backend": report.backend, "weights": report.weights, "kernel": report.kernel,
                               "bits": cfg.bits if quantized else "none",
-                              "group_size": cfg.group_size if quantized else "none"})
+                              "group_size": cfg.group_size if quantized else "none",
+                              "layer_bits": ("mixed" if cfg.method.get("layer_bits") else "uniform") if quantized else "none"})
     if report.layers:
         tracker.log_json(run_id, report.layers, "quantized_layers.json")
     if report.notes:
@@ -187,10 +191,10 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
         metrics["memory.packed_weights_mb"] = metrics["memory.weights_mb"]
     else:
         metrics["memory.packed_weights_mb"] = memory.packed_weights_mb(model, report.layers, cfg.sym)
-    if report.layers:
-        bits = sum(r["bits"] * r["in_features"] * r["out_features"] for r in report.layers.values())
-        weights = sum(r["in_features"] * r["out_features"] for r in report.layers.values())
-        metrics["quant.avg_bits"] = bits / weights
+    metrics.update(average_bits(report.layers, cfg.sym))
+    metrics.update(report.metrics)
+    for name, content in report.artifacts.items():
+        tracker.log_json(run_id, content, name)
     if report.saved_dir:
         metrics["memory.disk_mb"] = directory_size_mb(report.saved_dir, "*.safetensors")
     elif cfg.bench.disk_size:

@@ -160,13 +160,13 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1}; lists stay whole (one param each)."""
+def flatten(data: Dict[str, Any], prefix: str = "", whole: Iterable[str] = ()) -> Dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}; lists, and dicts named in `whole`, stay whole (one param each)."""
     flat: Dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
+        if isinstance(value, dict) and value and name not in whole:
+            flat.update(flatten(value, name + ".", whole))
         else:
             flat[name] = value
     return flat

@@ -12,7 +12,7 @@ from typing import Dict, Iterator
 import psutil
 import torch
 
-from sweep.quant.grid import storage_bits_per_weight
+from sweep.quant.layer_bits import record_storage_bits
 
 MB = 1024 * 1024
 
@@ -31,7 +31,7 @@ def packed_weights_mb(model: torch.nn.Module, quantized: Dict[str, dict], sym: b
     for name, rec in quantized.items():
         module = model.get_submodule(name)
         quantized_params.add(id(module.weight))
-        bpw = storage_bits_per_weight(rec["bits"], rec["group_size"], rec["in_features"], sym)
+        bpw = record_storage_bits(rec, sym)
         total_bits += bpw * module.weight.numel()
     seen = set()
     for tensor in list(model.parameters()) + list(model.buffers()):

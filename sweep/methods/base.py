@@ -6,13 +6,15 @@ A method is one module in this package defining one subclass of `QuantMethod`, p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
+from functools import lru_cache
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from sweep.progress import Progress
+from sweep.quant.layer_bits import KEEP_BITS, LayerSetting, parse_layer_bits, plan_layers, unmatched_message, unmatched_patterns
 
 # Values of the `weights` tag: whether a low-bit kernel runs the weights, or they are
 # quantize-dequantized values stored in the original dtype.
@@ -34,10 +36,21 @@ class QuantReport:
     # (it replaces the one given to quantize()), and the directory holding that checkpoint.
     model: Optional[nn.Module] = None
     saved_dir: Optional[str] = None
+    metrics: Dict[str, float] = field(default_factory=dict)   # method-specific metrics, logged as they are
+    artifacts: Dict[str, Any] = field(default_factory=dict)   # artifact file name → JSON-able content
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        """Modules actually quantized (a mixed-precision plan may keep some at KEEP_BITS)."""
+        return sum(1 for rec in self.layers.values() if rec["bits"] != KEEP_BITS)
+
+
+@dataclass
+class MixedPrecisionOptions:
+    """Options of methods that take per-module bits (sweep/quant/layer_bits.py)."""
+
+    # {module-name glob: bits, or {bits, group_size}}; unmatched modules use the top-level bits/group_size.
+    layer_bits: Dict[str, Any] = field(default_factory=dict)
 
 
 class QuantMethod:
@@ -92,7 +105,46 @@ class QuantMethod:
 
     @classmethod
     def check_options(cls, cfg, options) -> List[str]:
+        if isinstance(options, MixedPrecisionOptions):
+            return layer_bits_errors(cfg, options.layer_bits)
         return []
+
+    def layer_plan(self, target_names) -> Dict[str, LayerSetting]:
+        """Bits and group size per target module: the top-level knobs, overridden by method.layer_bits."""
+        layer_bits = self.options.layer_bits if isinstance(self.options, MixedPrecisionOptions) else None
+        return plan_layers(target_names, layer_bits, self.cfg.bits, self.cfg.group_size, self.cfg.quantize_lm_head)
 
     def quantize(self, model: nn.Module, calibration: Optional[list], progress: Progress) -> QuantReport:
         raise NotImplementedError
+
+
+def layer_bits_errors(cfg, layer_bits: Dict[str, Any]) -> List[str]:
+    """Bad values, and patterns that match no target module, found without loading weights: the
+    module names come from the model's config on the meta device when it is already on this
+    machine (else the check runs again, before quantizing, on the loaded model)."""
+    parsed, errors = parse_layer_bits(layer_bits)
+    if errors or not parsed:
+        return errors
+    names = _target_names(cfg.model.path, cfg.model.num_layers, cfg.model.trust_remote_code, cfg.cache_dir,
+                          cfg.quantize_lm_head)
+    if names is None:
+        return []
+    unmatched = unmatched_patterns(parsed, names)
+    return [unmatched_message(unmatched, names, cfg.quantize_lm_head)] if unmatched else []
+
+
+@lru_cache(maxsize=8)  # a grid validates every point; the skeleton is the same for all of them
+def _target_names(path: str, num_layers: Optional[int], trust_remote_code: bool, cache_dir: str,
+                  quantize_lm_head: bool) -> Optional[Tuple[str, ...]]:
+    from sweep.config import ModelConfig
+    from sweep.models import model_skeleton
+    from sweep.quant.layers import quantizable_linears
+
+    try:
+        skeleton = model_skeleton(ModelConfig(path=path, num_layers=num_layers, trust_remote_code=trust_remote_code),
+                                  cache_dir)
+    except Exception:  # noqa: BLE001 - an unreadable model config is reported by the model load itself
+        return None
+    if skeleton is None:
+        return None
+    return tuple(quantizable_linears(skeleton, include_lm_head=quantize_lm_head))

@@ -20,7 +20,7 @@ import torch
 
 from sweep.backends import available
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
-from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
+from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
 from sweep.quant.layers import (
@@ -36,8 +36,8 @@ KERNELS = ("auto",) + tuple(GPTQ_KERNEL_BITS)
 
 
 @dataclass
-class GPTQOptions:
-    # auto: gptqmodel on CUDA when it is installed, else torch.
+class GPTQOptions(MixedPrecisionOptions):
+    # auto: gptqmodel on CUDA when it is installed (and no layer_bits), else torch.
     backend: str = "auto"
     # GPTQModel kernel that runs the packed weights; auto picks one per bit width (gptqmodel_backend.py).
     kernel: str = "auto"
@@ -57,7 +57,7 @@ class GPTQ(QuantMethod):
 
     @classmethod
     def check_options(cls, cfg, options: GPTQOptions) -> List[str]:
-        errors = []
+        errors = super().check_options(cfg, options)
         if options.backend not in BACKENDS:
             errors.append(f"method.backend={options.backend!r} is not allowed: backends are {', '.join(BACKENDS)}")
         if options.kernel not in KERNELS:
@@ -72,6 +72,9 @@ class GPTQ(QuantMethod):
             if not available("gptqmodel"):
                 errors.append("method.backend='gptqmodel' is not allowed: gptqmodel is not installed "
                               "(pip install 'gptqmodel>=7.6'), or use method.backend=torch")
+            if options.layer_bits:
+                errors.append("method.layer_bits is not allowed with method.backend='gptqmodel' yet: "
+                              "use method.backend=torch (or auto) for mixed precision")
             if cfg.damp_percent >= 1.0:
                 errors.append(f"damp_percent={cfg.damp_percent!r} is not allowed with method.backend='gptqmodel': "
                               "it needs a fraction in (0, 1)")
@@ -82,7 +85,9 @@ class GPTQ(QuantMethod):
     def resolved_backend(self, device: str) -> str:
         backend = self.options.backend
         if backend == "auto":
-            backend = "gptqmodel" if device.startswith("cuda") and available("gptqmodel") else "torch"
+            # Per-layer bits run on the torch backend (GPTQModel's per-module `dynamic` config is not wired up).
+            use_gptqmodel = device.startswith("cuda") and available("gptqmodel") and not self.options.layer_bits
+            backend = "gptqmodel" if use_gptqmodel else "torch"
         return backend
 
     def quantize(self, model, calibration, progress) -> QuantReport:
@@ -116,6 +121,7 @@ class GPTQ(QuantMethod):
         cfg, opts = self.cfg, self.options
         report = QuantReport(backend="sweep-torch", weights=SIMULATED)
         all_linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)
+        self.plan = self.layer_plan(all_linears)
         inputs = capture_first_layer_inputs(model, calibration)
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -144,10 +150,14 @@ class GPTQ(QuantMethod):
 
     def _solve(self, linear, H, full_name, report) -> None:
         cfg, opts = self.cfg, self.options
-        result = gptq_quantize(linear.weight.data, H, cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent,
+        setting = self.plan[full_name]
+        if not setting.quantized:
+            report.layers[full_name] = layer_record(linear, setting.bits, setting.group_size, 0.0)
+            return
+        result = gptq_quantize(linear.weight.data, H, setting.bits, setting.group_size, cfg.sym, cfg.damp_percent,
                                act_order=cfg.desc_act, static_groups=opts.static_groups, block_size=opts.block_size)
         linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-        report.layers[full_name] = layer_record(linear, cfg.bits, cfg.group_size, result.loss)
+        report.layers[full_name] = layer_record(linear, setting.bits, setting.group_size, result.loss)
         if result.damp_retries:
             report.notes.append(f"{full_name}: damping raised {result.damp_retries}x to make H positive definite")
 
