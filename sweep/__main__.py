@@ -12,17 +12,21 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from sweep.config import ConfigError, register_configs, to_sweep_config
+from sweep.gpu_pool import register_resolver
 
 register_configs()
+register_resolver()  # ${sweep_gpu_count:} in conf/hydra/launcher/gpus.yaml
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def app(cfg: DictConfig) -> str:
+def app(cfg: DictConfig) -> float:
+    """One grid point; returns its objective (sweep/objective.py), which the Optuna sweeper minimises."""
+    from sweep.objective import describe, objective
     from sweep.run import run_point
-    from sweep.sweeps import sweep_context
+    from sweep.sweeps import is_grid, sweep_context
 
     logging.captureWarnings(True)
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: the run is marked KILLED.
@@ -38,7 +42,9 @@ def app(cfg: DictConfig) -> str:
     result = run_point(config, ctx, log_file=log_file)
     if ctx is None and result.status == "FAILED":
         sys.exit(1)
-    return result.status
+    if ctx is not None and not is_grid(hc.sweeper):
+        Console(stderr=True, highlight=False).print(describe(config.objective, result.status, result.metrics))
+    return objective(config.objective, result.status, result.metrics)
 
 
 def _terminate(signum, frame) -> None:

@@ -1,0 +1,170 @@
+"""One 4-point sweep through three launchers and two kinds of store must give the same runs.
+
+- Hydra's basic launcher (one process), logging to an `mlflow server` on 127.0.0.1 (SQLite backend);
+- the gpus preset (joblib, 2 worker processes, a fake pool of 2 GPUs), logging to a SQLite file;
+- submitit's local executor (one subprocess per grid point, as on SLURM), logging to a SQLite file.
+
+Each store must hold one parent run and four finished children under it, with exactly the config
+hashes the basic sweeper's grid gives, and identical quality numbers (RTN on CPU is deterministic).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, make_config
+from sweep import gpu_pool
+from sweep.config import config_hash
+from sweep.objective import PENALTY
+
+GRID = ["model=smollm2-135m-4l", "method=rtn", "bits=2,3,4,8", "eval.tasks=[lambada]", "eval.limit.lambada=4",
+        "bench=none"]
+EXPERIMENT = "smollm2-135m-4l"
+
+
+def _expected_hashes():
+    return {config_hash(make_config(*[o if not o.startswith("bits=") else f"bits={b}" for o in GRID]), "cpu")
+            for b in (2, 3, 4, 8)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sweep(tmp_path, name, uri, *extra, env=None):
+    # A tracking server stores artifacts itself; a SQLite store needs a place for them.
+    artifacts = [] if uri.startswith("http") else [f"tracking.artifact_location={tmp_path}/artifacts-{name}"]
+    cmd = [sys.executable, "-m", "sweep", *GRID, *extra, f"tracking.uri={uri}", *artifacts,
+           f"hydra.sweep.dir={tmp_path}/{name}", "-m"]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_server(url: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited: {server.stderr.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"mlflow server at {url} did not answer /health within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, embedded_model_dir):
+    tmp = tmp_path_factory.mktemp("scale")
+    port = _free_port()
+    server_url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+                               "--artifacts-destination", str(tmp / "server-artifacts"), "--workers", "1"],
+                              cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # The two multi-process launchers start while the server boots.
+        fake_gpus = {gpu_pool.ENV_COUNT: "2", gpu_pool.ENV_LOCK_DIR: str(tmp / "gpu-locks")}
+        joblib = _sweep(tmp, "joblib", f"sqlite:///{tmp}/joblib.db", "hydra/launcher=gpus", env=fake_gpus)
+        submitit = _sweep(tmp, "submitit", f"sqlite:///{tmp}/submitit.db", "hydra/launcher=submitit_local")
+        _wait_for_server(server_url, server)
+        basic = _sweep(tmp, "basic", server_url)
+        procs = {"basic": basic, "joblib": joblib, "submitit": submitit}
+        outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
+        for name, proc in procs.items():
+            assert proc.returncode == 0, f"{name}: {outputs[name][1][-4000:]}"
+        yield {"basic": server_url, "joblib": f"sqlite:///{tmp}/joblib.db",
+               "submitit": f"sqlite:///{tmp}/submitit.db"}, {n: o[1] for n, o in outputs.items()}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _runs(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "point"]
+    return parents, children
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit"])
+def test_each_launcher_logs_the_same_four_runs_under_one_parent(stores, launcher):
+    uris, _ = stores
+    parents, children = _runs(uris[launcher])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    # Jobs in other processes found their parent run (through <sweep dir>/sweep.json).
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags["sweep.config_hash"] for c in children} == _expected_hashes()
+
+
+def test_launchers_agree_on_every_number(stores):
+    uris, _ = stores
+    quality = {}
+    for launcher, uri in uris.items():
+        _, children = _runs(uri)
+        quality[launcher] = {c.data.tags["sweep.config_hash"]: c.data.metrics["lambada.perplexity"] for c in children}
+    assert quality["joblib"] == quality["basic"] == quality["submitit"]
+
+
+def test_tracking_server_holds_params_and_artifacts(stores):
+    uris, _ = stores
+    client = MlflowClient(uris["basic"])
+    _, children = _runs(uris["basic"])
+    run = children[0]
+    assert run.data.params["model.num_layers"] == "4"
+    # Artifacts went through the server's artifact proxy, not to a local path.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_gpu_pool_gives_each_joblib_worker_its_own_gpu(stores):
+    _, stderr = stores
+    claims = {}
+    for line in stderr["joblib"].splitlines():
+        if "gpu pool" in line and "holds GPU" in line:
+            words = line.split()
+            pid, gpu = words[words.index("process") + 1], words[words.index("GPU") + 1]
+            claims.setdefault(gpu, set()).add(pid)
+    assert claims, stderr["joblib"][-3000:]
+    assert set(claims) <= {"0", "1"}
+    assert all(len(pids) == 1 for pids in claims.values())  # never two worker processes on one GPU
+
+
+def test_optuna_preset_prefers_the_point_within_the_memory_budget(tmp_path, monkeypatch, embedded_model_dir):
+    """Two trials through the Optuna sweeper (grid sampler, so both run): 2-bit fits 118 MB, 8-bit does not."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [
+        "sweep", "+experiment=optuna_budget", "hydra/sweeper/sampler=grid", "model=smollm2-135m-4l", "method=rtn",
+        "eval.tasks=[lambada]", "eval.limit.lambada=4", "bench=none", "objective.metric=lambada.perplexity",
+        "objective.memory_budget_mb=118", "hydra.sweeper.params.method='choice(rtn)'",
+        "hydra.sweeper.params.bits='choice(2,8)'", "hydra.sweeper.params.group_size='choice(128)'",
+        "hydra.sweeper.params.damp_percent='choice(0.01)'", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/optuna", "-m"])
+    from sweep.__main__ import app
+
+    GlobalHydra.instance().clear()
+    app()
+    result = yaml.safe_load((tmp_path / "optuna" / "optimization_results.yaml").read_text())
+    _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    by_bits = {r.data.params["bits"]: r for r in children}
+    assert set(by_bits) == {"2", "8"}
+    assert by_bits["8"].data.metrics["memory.packed_weights_mb"] > 118 >= by_bits["2"].data.metrics["memory.packed_weights_mb"]
+    assert result["best_params"]["bits"] == 2
+    assert result["best_value"] == pytest.approx(by_bits["2"].data.metrics["lambada.perplexity"])
+    assert result["best_value"] < PENALTY
