@@ -168,3 +168,19 @@ def test_optuna_preset_prefers_the_point_within_the_memory_budget(tmp_path, monk
     assert result["best_params"]["bits"] == 2
     assert result["best_value"] == pytest.approx(by_bits["2"].data.metrics["lambada.perplexity"])
     assert result["best_value"] < PENALTY
+
+
+def test_objective_penalises_over_budget_and_failed_points():
+    from sweep.config import ObjectiveConfig
+    from sweep.objective import FAILED, objective
+
+    cfg = ObjectiveConfig(metric="wikitext.word_perplexity", memory_budget_mb=150.0)
+    fits = {"wikitext.word_perplexity": 120.0, "memory.packed_weights_mb": 148.0}
+    assert objective(cfg, "FINISHED", fits) == 120.0
+    assert objective(cfg, "SKIPPED", fits) == 120.0  # a resumed point keeps its measured value
+    slightly_over = objective(cfg, "FINISHED", {"wikitext.word_perplexity": 50.0, "memory.packed_weights_mb": 160.0})
+    far_over = objective(cfg, "FINISHED", {"wikitext.word_perplexity": 40.0, "memory.packed_weights_mb": 500.0})
+    assert 120.0 < PENALTY <= slightly_over < far_over < FAILED  # worse than any fit, ranked by how far over
+    assert objective(cfg, "FAILED", {}) == FAILED
+    assert objective(cfg, "FINISHED", {"memory.packed_weights_mb": 100.0}) == FAILED  # metric missing (eval=none)
+    assert objective(cfg, "FINISHED", {"wikitext.word_perplexity": float("nan"), "memory.packed_weights_mb": 1.0}) == FAILED
