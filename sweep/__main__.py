@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
@@ -24,25 +25,28 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float:
     """One grid point; returns its objective (sweep/objective.py), which the Optuna sweeper minimises."""
-    from sweep.objective import describe, objective
+    from sweep.objective import FAILED, describe, objective
     from sweep.run import run_point
     from sweep.sweeps import is_grid, sweep_context
 
     logging.captureWarnings(True)
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: the run is marked KILLED.
     signal.signal(signal.SIGTERM, _terminate)
+    hc = HydraConfig.get()
+    searching = hc.mode == RunMode.MULTIRUN and not is_grid(hc.sweeper)
     try:
         config = to_sweep_config(cfg)
     except ConfigError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        if searching:  # a search proposed an invalid point: score it as failed and let the search go on
+            return FAILED
         sys.exit(2)
     ctx = sweep_context()
-    hc = HydraConfig.get()
     log_file = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
     result = run_point(config, ctx, log_file=log_file)
     if ctx is None and result.status == "FAILED":
         sys.exit(1)
-    if ctx is not None and not is_grid(hc.sweeper):
+    if searching:
         Console(stderr=True, highlight=False).print(describe(config.objective, result.status, result.metrics))
     return objective(config.objective, result.status, result.metrics)
 

@@ -10,6 +10,7 @@ hashes the basic sweeper's grid gives, and identical quality numbers (RTN on CPU
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,15 +48,16 @@ def _sweep(tmp_path, name, uri, *extra, env=None):
     artifacts = [] if uri.startswith("http") else [f"tracking.artifact_location={tmp_path}/artifacts-{name}"]
     cmd = [sys.executable, "-m", "sweep", *GRID, *extra, f"tracking.uri={uri}", *artifacts,
            f"hydra.sweep.dir={tmp_path}/{name}", "-m"]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # Output to a file: three sweeps run at once, and a full pipe nobody reads would stall one.
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_for_server(url: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
+def _wait_for_server(url: str, server: subprocess.Popen, log, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"mlflow server exited: {server.stderr.read()[-3000:]}")
+            pytest.fail(f"mlflow server exited: {open(log.name).read()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
                 if resp.status == 200:
@@ -70,26 +72,33 @@ def stores(tmp_path_factory, embedded_model_dir):
     tmp = tmp_path_factory.mktemp("scale")
     port = _free_port()
     server_url = f"http://127.0.0.1:{port}"
+    server_log = open(tmp / "server.log", "w")  # a file, not a pipe nobody reads while the sweeps run
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp}/server.db",
                                "--artifacts-destination", str(tmp / "server-artifacts"), "--workers", "1"],
-                              cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=tmp, stdout=server_log, stderr=subprocess.STDOUT,
+                              # No background job runner (7 extra processes); its own session, to stop it whole.
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              start_new_session=True)
     try:
         # The two multi-process launchers start while the server boots.
         fake_gpus = {gpu_pool.ENV_COUNT: "2", gpu_pool.ENV_LOCK_DIR: str(tmp / "gpu-locks")}
         joblib = _sweep(tmp, "joblib", f"sqlite:///{tmp}/joblib.db", "hydra/launcher=gpus", env=fake_gpus)
         submitit = _sweep(tmp, "submitit", f"sqlite:///{tmp}/submitit.db", "hydra/launcher=submitit_local")
-        _wait_for_server(server_url, server)
+        _wait_for_server(server_url, server, server_log)
         basic = _sweep(tmp, "basic", server_url)
         procs = {"basic": basic, "joblib": joblib, "submitit": submitit}
-        outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
+        outputs = {}
         for name, proc in procs.items():
-            assert proc.returncode == 0, f"{name}: {outputs[name][1][-4000:]}"
+            proc.wait(timeout=900)
+            outputs[name] = (tmp / f"{name}.log").read_text()
+            assert proc.returncode == 0, f"{name}: {outputs[name][-4000:]}"
         yield {"basic": server_url, "joblib": f"sqlite:///{tmp}/joblib.db",
-               "submitit": f"sqlite:///{tmp}/submitit.db"}, {n: o[1] for n, o in outputs.items()}
+               "submitit": f"sqlite:///{tmp}/submitit.db"}, outputs
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
         server.wait(timeout=60)
+        server_log.close()
 
 
 def _runs(uri):
@@ -134,14 +143,14 @@ def test_tracking_server_holds_params_and_artifacts(stores):
 
 
 def test_gpu_pool_gives_each_joblib_worker_its_own_gpu(stores):
-    _, stderr = stores
+    _, output = stores
     claims = {}
-    for line in stderr["joblib"].splitlines():
+    for line in output["joblib"].splitlines():
         if "gpu pool" in line and "holds GPU" in line:
             words = line.split()
             pid, gpu = words[words.index("process") + 1], words[words.index("GPU") + 1]
             claims.setdefault(gpu, set()).add(pid)
-    assert claims, stderr["joblib"][-3000:]
+    assert claims, output["joblib"][-3000:]
     assert set(claims) <= {"0", "1"}
     assert all(len(pids) == 1 for pids in claims.values())  # never two worker processes on one GPU
 
