@@ -16,7 +16,7 @@ from sweep.config import ConfigError, register_configs, to_sweep_config
 from sweep.gpu_pool import register_resolver
 
 register_configs()
-register_resolver()  # ${sweep_gpu_count:} in conf/hydra/launcher/gpus.yaml
+register_resolver()  # ${sweep_gpu_count:}, ${sweep_gpus_per_job:} in conf/hydra/launcher/
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -151,6 +151,12 @@ class GpuPoolCallback(Callback):
         assign_process_gpu()
 
 
+def gpus_per_job() -> int:
+    """GPUs to ask a scheduler (Ray) for per job: 1 with a GPU, 0 without, so CPU machines still run."""
+    return 1 if gpu_count() else 0
+
+
 def register_resolver() -> None:
-    """`${sweep_gpu_count:}` in configs: jobs to run at once, one per GPU (at least 1)."""
+    """`${sweep_gpu_count:}` (jobs at once: one per GPU, at least 1) and `${sweep_gpus_per_job:}` in configs."""
     OmegaConf.register_new_resolver(RESOLVER, default_jobs, replace=True)
+    OmegaConf.register_new_resolver("sweep_gpus_per_job", gpus_per_job, replace=True)

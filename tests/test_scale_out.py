@@ -193,3 +193,20 @@ def test_objective_penalises_over_budget_and_failed_points():
     assert objective(cfg, "FAILED", {}) == FAILED
     assert objective(cfg, "FINISHED", {"memory.packed_weights_mb": 100.0}) == FAILED  # metric missing (eval=none)
     assert objective(cfg, "FINISHED", {"wikitext.word_perplexity": float("nan"), "memory.packed_weights_mb": 1.0}) == FAILED
+
+
+def test_ray_launcher_logs_the_same_runs(tmp_path, embedded_model_dir):
+    """Runs only where the optional `.[ray]` extra is installed (not in CI: docs/scaling.md#ray)."""
+    try:
+        import hydra_plugins.hydra_ray_launcher  # noqa: F401
+    except ImportError:
+        pytest.skip("hydra-ray-launcher is not installed (optional extra .[ray], kept out of .[test]: "
+                    "it pins cloudpickle<3 and starts a local Ray cluster)")
+    uri = f"sqlite:///{tmp_path}/ray.db"
+    proc = _sweep(tmp_path, "ray", uri, "hydra/launcher=ray_gpus")
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, (tmp_path / "ray.log").read_text()[-4000:]
+    parents, children = _runs(uri)
+    assert len(parents) == 1 and len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags["sweep.config_hash"] for c in children} == _expected_hashes()
