@@ -49,8 +49,11 @@ class Claim:
 
 def visible_gpus() -> List[str]:
     """Ids of the GPUs jobs may use: $SWEEP_GPU_COUNT, else $CUDA_VISIBLE_DEVICES, else all CUDA devices."""
-    if os.environ.get(ENV_COUNT, "").strip():
-        return [str(i) for i in range(int(os.environ[ENV_COUNT]))]
+    fake = os.environ.get(ENV_COUNT, "").strip()
+    if fake:
+        if not fake.isdigit():
+            raise ValueError(f"{ENV_COUNT}={fake!r} is not allowed: a whole number of GPUs, 0 or more")
+        return [str(i) for i in range(int(fake))]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [d.strip() for d in visible.split(",") if d.strip()]

@@ -88,6 +88,12 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, visible, expected
     assert gpu_pool.visible_gpus() == expected
 
 
+def test_a_bad_fake_count_names_the_variable(monkeypatch):
+    monkeypatch.setenv(gpu_pool.ENV_COUNT, "two")
+    with pytest.raises(ValueError, match="SWEEP_GPU_COUNT='two'"):
+        gpu_pool.visible_gpus()
+
+
 def test_claim_gives_up_after_its_timeout_when_the_pool_is_full(tmp_path):
     first = gpu_pool.try_claim(["0"], tmp_path)
     assert first is not None and first.gpu == "0"
