@@ -210,3 +210,28 @@ def test_ray_launcher_logs_the_same_runs(tmp_path, embedded_model_dir):
     assert len(parents) == 1 and len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.tags["sweep.config_hash"] for c in children} == _expected_hashes()
+
+
+def test_slurm_preset_asks_for_one_gpu_per_task_a_time_limit_and_an_array_throttle(tmp_path):
+    """What sbatch would get, rendered by submitit from conf/hydra/launcher/slurm.yaml (no cluster needed)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    # The plugin passes these to submitit's SlurmExecutor under the same names (time is timeout_min).
+    keys = ("partition", "gpus_per_task", "cpus_per_task", "array_parallelism")
+    script = _make_sbatch_string(command="python -m sweep", folder=str(tmp_path), map_count=12,
+                                 time=launcher["timeout_min"], mem=f"{launcher['mem_gb']}GB",
+                                 ntasks_per_node=launcher["tasks_per_node"], nodes=launcher["nodes"],
+                                 **{k: launcher[k] for k in keys})
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-task=1", "#SBATCH --time=240",
+                 "#SBATCH --array=0-11%8", "#SBATCH --ntasks-per-node=1"):
+        assert line in script, script
