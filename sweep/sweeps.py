@@ -91,7 +91,6 @@ class ParentRunCallback(Callback):
             sys.exit(1)
 
     def _start(self, config: DictConfig, config_name: str) -> None:
-        base = to_sweep_config(config)
         if is_grid(config.hydra.sweeper):
             jobs = grid_overrides(config)
             validate_grid(config_name, jobs)
@@ -99,6 +98,7 @@ class ParentRunCallback(Callback):
         else:
             # A search (the Optuna sweeper) picks its points as it goes: each is validated when it runs.
             total = int(OmegaConf.select(config, "hydra.sweeper.n_trials", default=0) or 0)
+        base = to_sweep_config(config)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state_file = sweep_dir / SWEEP_FILE
