@@ -164,6 +164,7 @@ def test_optuna_preset_prefers_the_point_within_the_memory_budget(tmp_path, monk
         "objective.memory_budget_mb=118", "hydra.sweeper.params.method='choice(rtn)'",
         "hydra.sweeper.params.bits='choice(2,8)'", "hydra.sweeper.params.group_size='choice(128)'",
         "hydra.sweeper.params.damp_percent='choice(0.01)'", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/artifacts",
         f"hydra.sweep.dir={tmp_path}/optuna", "-m"])
     from sweep.__main__ import app
 
