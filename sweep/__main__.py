@@ -7,40 +7,50 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
 from sweep.config import ConfigError, register_configs, to_sweep_config
 from sweep.model_checks import check_against_model
 from sweep.orphans import sigterm_as_interrupt
+from sweep.gpu_pool import register_resolver
 
 register_configs()
+register_resolver()  # ${sweep_gpu_count:}, ${sweep_gpus_per_job:} in conf/hydra/launcher/
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def app(cfg: DictConfig) -> str:
+def app(cfg: DictConfig) -> float:
+    """One grid point; returns its objective (sweep/objective.py), which the Optuna sweeper minimises."""
+    from sweep.objective import FAILED, describe, objective
     from sweep.run import run_point
-    from sweep.sweeps import sweep_context
+    from sweep.sweeps import is_grid, sweep_context
 
     logging.captureWarnings(True)
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: the run is marked KILLED.
     sigterm_as_interrupt()
+    hc = HydraConfig.get()
+    searching = hc.mode == RunMode.MULTIRUN and not is_grid(hc.sweeper)
     try:
         config = to_sweep_config(cfg)
         check_against_model(config)
     except ConfigError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        if searching:  # a search proposed an invalid point: score it as failed and let the search go on
+            return FAILED
         sys.exit(2)
     ctx = sweep_context()
-    hc = HydraConfig.get()
     log_file = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
     result = run_point(config, ctx, log_file=log_file)
     if ctx is None and result.status == "FAILED":
         sys.exit(1)
-    return result.status
+    if searching:
+        Console(stderr=True, highlight=False).print(describe(config.objective, result.status, result.metrics))
+    return objective(config.objective, result.status, result.metrics)
 
 
 def main() -> None:

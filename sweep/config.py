@@ -102,6 +102,16 @@ class TrackingConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a search (the Optuna sweeper preset) minimises; plain grids ignore it (sweep/objective.py)."""
+
+    metric: str = "wikitext.word_perplexity"
+    # Points whose `memory_metric` exceeds this many MB are penalised; null = no budget.
+    memory_budget_mb: Optional[float] = None
+    memory_metric: str = "memory.packed_weights_mb"
+
+
+@dataclass
 class SweepConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # Method options differ per method: each method validates its own (sweep/methods/*.py).
@@ -110,6 +120,7 @@ class SweepConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # The quantization knobs are top level so that grids read `bits=2,3,4 group_size=32,128`.
     bits: int = 4
     group_size: int = 128
@@ -234,6 +245,8 @@ def validate(cfg: SweepConfig) -> None:
         problem = check_tracking_uri(cfg.tracking.uri)
         if problem:
             bad("tracking.uri", redact_uri(cfg.tracking.uri), problem)
+    if cfg.objective.memory_budget_mb is not None and cfg.objective.memory_budget_mb <= 0:
+        bad("objective.memory_budget_mb", cfg.objective.memory_budget_mb, "null (no budget) or a positive size in MB")
     if name in available_methods():
         errors.extend(get_method(name).config_errors(cfg))
     if errors:
@@ -280,7 +293,7 @@ def _validate_vendored_data(cfg: SweepConfig, bad) -> None:
 
 
 # Fields that never change a grid point's result: they are left out of its identity.
-_NOT_IN_HASH = {"resume", "force", "tracking", "cache_dir"}
+_NOT_IN_HASH = {"resume", "force", "tracking", "cache_dir", "objective"}
 
 
 def result_fields(cfg: SweepConfig, device: Optional[str] = None) -> Dict[str, Any]:

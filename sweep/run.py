@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -265,6 +266,8 @@ def environment_tags(device: str) -> Dict[str, Any]:
         except md.PackageNotFoundError:
             pass
     tags["device.name"] = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    if device.startswith("cuda"):  # which physical GPU(s) this job saw (the gpus launcher pins one per job)
+        tags["device.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
     tags["git.sha"] = _git_sha()
     return tags
 

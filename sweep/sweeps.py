@@ -51,6 +51,11 @@ def grid_overrides(cfg: DictConfig) -> List[List[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
+def is_grid(sweeper: DictConfig) -> bool:
+    """True for Hydra's basic sweeper (a grid known up front); false for searches such as Optuna."""
+    return str(sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
 def validate_grid(config_name: str, jobs: List[List[str]]) -> None:
     from hydra import compose
 
@@ -94,8 +99,13 @@ class ParentRunCallback(Callback):
             sys.exit(1)
 
     def _start(self, config: DictConfig, config_name: str) -> None:
-        jobs = grid_overrides(config)
-        validate_grid(config_name, jobs)
+        if is_grid(config.hydra.sweeper):
+            jobs = grid_overrides(config)
+            validate_grid(config_name, jobs)
+            total = len(jobs)
+        else:
+            # A search (the Optuna sweeper) picks its points as it goes: each is validated when it runs.
+            total = int(OmegaConf.select(config, "hydra.sweeper.n_trials", default=0) or 0)
         base = to_sweep_config(config)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -113,9 +123,9 @@ class ParentRunCallback(Callback):
                 f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
                 {TAG_ROLE: "sweep", TAG_SWEEP_ID: sweep_id, "sweep.dir": str(sweep_dir), "model": base.model.name,
                  **owner_tags()})
-            self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": len(jobs)})
+            self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": total})
             state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
-        state.update(total=len(jobs), tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name,
+        state.update(total=total, tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name,
                      started=time.time())
         state_file.write_text(json.dumps(state, indent=2))
         self.started = time.perf_counter()
@@ -123,7 +133,7 @@ class ParentRunCallback(Callback):
         # parent run on the way out instead, so the store never keeps a dead sweep RUNNING.
         sigterm_as_interrupt()
         atexit.register(self._close_interrupted)
-        console.print(f"[bold]sweep[/bold] {len(jobs)} grid points → MLflow parent run {self.parent_id} "
+        console.print(f"[bold]sweep[/bold] {total} grid points → MLflow parent run {self.parent_id} "
                       f"(experiment {self.tracker.experiment_name!r}, {redact_uri(self.tracker.uri)})")
 
     def _close_interrupted(self) -> None:
@@ -177,6 +187,10 @@ def sweep_context() -> Optional[SweepContext]:
         return None
     state_file = Path(hc.sweep.dir).resolve() / SWEEP_FILE
     if not state_file.is_file():
+        # Only if the launching process's callback did not run, or the job cannot see its sweep
+        # directory (SLURM: put hydra.sweep.dir on a filesystem the nodes share).
+        console.print(f"[yellow]warning:[/yellow] {state_file} not found; this grid point is logged as a "
+                      "run of its own, outside its sweep's parent run")
         return None
     state: Dict[str, Any] = json.loads(state_file.read_text())
     return SweepContext(sweep_id=state["sweep_id"], parent_run_id=state["parent_run_id"],
