@@ -44,7 +44,14 @@ COLUMNS: Dict[str, tuple] = {
     "quantize_s": ("metric", "time.quantize_s"),
     "tokens_per_s": ("metric", "latency.tokens_per_s"),
     "ttft_ms": ("metric", "latency.ttft_ms_p50"),
+    # GPU runs (issue 4): the kernel that runs packed weights, compiled static-cache decode, and the
+    # fraction of the memory-bandwidth bound it reaches; model_init=random rows have no quality numbers.
+    "kernel": ("tag", "kernel"),
+    "static_tokens_per_s": ("metric", "latency.static.tokens_per_s"),
+    "static_bandwidth_fraction": ("metric", "latency.static.bandwidth_fraction"),
+    "model_init": ("tag", "model.init"),
 }
+QUALITY_COLUMNS = ["wikitext_word_ppl", "wikitext_byte_ppl", "wikitext_bits_per_byte", "lambada_ppl", "lambada_acc"]
 DELTAS = {  # delta column → (column, baseline column)
     "delta_word_ppl": "wikitext_word_ppl",
     "delta_lambada_ppl": "lambada_ppl",
@@ -88,6 +95,8 @@ def build_table(runs: Sequence, baseline=None) -> pd.DataFrame:
     # Knobs a method ignores are blank, not misleading (a baseline has no damp_percent).
     df.loc[df["method"] != "gptq", ["damp_percent", "desc_act"]] = None
     df.loc[df["weights"] == "unquantized", ["sym"]] = None
+    # Random-weight models measure memory and speed only: their quality numbers are noise.
+    df.loc[df["model_init"] == "random", QUALITY_COLUMNS] = math.nan
     base = _baseline_row(df, runs, baseline)
     for delta, col in DELTAS.items():
         df[delta] = df[col] - base[col] if base is not None else math.nan
