@@ -28,3 +28,13 @@ def require(module: str):
     if not available(module):
         raise BackendUnavailable(f"{module} is not installed: {INSTALL_HINT.get(module, 'pip install ' + module)}")
     return importlib.import_module(module)
+
+
+def cuda_backend_errors(method: str, cfg, module: str, library: str) -> list:
+    """The two ways a CUDA-only library backend cannot run, as config errors (before any model load)."""
+    errors = []
+    if cfg.device == "cpu":
+        errors.append(f"method={method} is not allowed with device=cpu: sweep runs {library} on CUDA only")
+    if not available(module):
+        errors.append(f"method={method} needs {library}, which is not installed: {INSTALL_HINT[module]}")
+    return errors

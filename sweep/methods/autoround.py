@@ -12,8 +12,7 @@ from typing import List, Optional
 from sweep.backends import available
 from sweep.backends.autoround_backend import PACKED_BITS, quantize_and_reload
 from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
-from sweep.methods.rtn import layer_record
-from sweep.quant.layers import quantizable_linears
+from sweep.methods.rtn import planned_layers
 
 EXPORT_FORMATS = tuple(PACKED_BITS)
 
@@ -51,8 +50,7 @@ class AutoRoundMethod(QuantMethod):
     def quantize(self, model, calibration, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options
         device = str(next(model.parameters()).device)
-        layers = {name: layer_record(lin, cfg.bits, cfg.group_size, float("nan"))
-                  for name, lin in quantizable_linears(model, include_lm_head=cfg.quantize_lm_head).items()}
+        layers = planned_layers(model, cfg.bits, cfg.group_size, include_lm_head=cfg.quantize_lm_head)
         kwargs = dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, iters=opts.iters,
                       nsamples=len(calibration), seqlen=int(calibration[0].numel()),
                       batch_size=min(opts.batch_size, len(calibration)), quant_lm_head=cfg.quantize_lm_head)

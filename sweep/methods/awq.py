@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-from sweep.backends import available
+from sweep.backends import cuda_backend_errors
 from sweep.backends.gptqmodel_backend import AWQ_KERNEL_BITS, DEFAULT_AWQ_KERNEL, quantize_and_reload
 from sweep.methods.base import PACKED, QuantMethod, QuantReport
-from sweep.methods.rtn import layer_record
-from sweep.quant.layers import quantizable_linears
+from sweep.methods.rtn import planned_layers
 
 AWQ_BITS = (4,)
 KERNELS = ("auto",) + tuple(AWQ_KERNEL_BITS)
@@ -37,18 +36,13 @@ class AWQ(QuantMethod):
         errors = []
         if options.kernel not in KERNELS:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
-        if cfg.device == "cpu":
-            errors.append("method=awq is not allowed with device=cpu: sweep runs GPTQModel's AWQ on CUDA only")
-        if not available("gptqmodel"):
-            errors.append("method=awq needs gptqmodel, which is not installed: pip install 'gptqmodel>=7.6'")
-        return errors
+        return errors + cuda_backend_errors("awq", cfg, "gptqmodel", "GPTQModel's AWQ")
 
     def quantize(self, model, calibration, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options
         device = str(next(model.parameters()).device)
         kernel = DEFAULT_AWQ_KERNEL if opts.kernel == "auto" else opts.kernel
-        layers = {name: layer_record(lin, cfg.bits, cfg.group_size, float("nan"))
-                  for name, lin in quantizable_linears(model, include_lm_head=False).items()}
+        layers = planned_layers(model, cfg.bits, cfg.group_size, include_lm_head=False)
         out = quantize_and_reload(
             model, self.tokenizer, calibration, self.workdir, device,
             dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, quant_method="awq", format="gemm"),

@@ -11,11 +11,10 @@ from typing import List
 
 import torch
 
-from sweep.backends import available, require
+from sweep.backends import cuda_backend_errors, require
 from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, save_for_backend, scratch_dir
 from sweep.methods.base import PACKED, QuantMethod, QuantReport
-from sweep.methods.rtn import layer_record
-from sweep.quant.layers import quantizable_linears
+from sweep.methods.rtn import planned_layers
 
 BNB_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
@@ -42,11 +41,7 @@ class BitsAndBytes(QuantMethod):
             errors.append(f"method.quant_type={options.quant_type!r} is not allowed: one of {', '.join(QUANT_TYPES)}")
         if options.compute_dtype not in ("float16", "bfloat16", "float32"):
             errors.append(f"method.compute_dtype={options.compute_dtype!r} is not allowed: float16, bfloat16 or float32")
-        if cfg.device == "cpu":
-            errors.append("method=bnb is not allowed with device=cpu: sweep runs bitsandbytes on CUDA only")
-        if not available("bitsandbytes"):
-            errors.append("method=bnb needs bitsandbytes, which is not installed: pip install 'bitsandbytes>=0.45'")
-        return errors
+        return errors + cuda_backend_errors("bnb", cfg, "bitsandbytes", "bitsandbytes")
 
     def quantize(self, model, calibration, progress) -> QuantReport:
         require("bitsandbytes")
@@ -55,8 +50,7 @@ class BitsAndBytes(QuantMethod):
         cfg, opts = self.cfg, self.options
         device = str(next(model.parameters()).device)
         dtype = next(model.parameters()).dtype
-        layers = {name: layer_record(lin, cfg.bits, -1 if cfg.bits == 8 else 64, float("nan"))
-                  for name, lin in quantizable_linears(model, include_lm_head=False).items()}
+        layers = planned_layers(model, cfg.bits, -1 if cfg.bits == 8 else 64, include_lm_head=False)
         if cfg.bits == 4:
             bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=opts.quant_type,
                                             bnb_4bit_use_double_quant=opts.double_quant,

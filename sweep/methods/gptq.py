@@ -21,7 +21,7 @@ import torch
 from sweep.backends import available
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
-from sweep.methods.rtn import layer_record
+from sweep.methods.rtn import layer_record, planned_layers
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
 from sweep.quant.layers import (
     capture_first_layer_inputs,
@@ -104,8 +104,7 @@ class GPTQ(QuantMethod):
     def _quantize_gptqmodel(self, model, calibration, device, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options
         kernel = gptq_kernel_for(cfg.bits, opts.kernel)
-        layers = {name: layer_record(lin, cfg.bits, cfg.group_size, float("nan"))
-                  for name, lin in quantizable_linears(model, include_lm_head=cfg.quantize_lm_head).items()}
+        layers = planned_layers(model, cfg.bits, cfg.group_size, include_lm_head=cfg.quantize_lm_head)
         progress.say(f"GPTQModel: {len(layers)} linears, kernel {kernel}")
         out = quantize_and_reload(
             model, self.tokenizer, calibration, self.workdir, device,

@@ -37,3 +37,9 @@ def layer_record(linear: torch.nn.Linear, bits: int, group_size: int, error: flo
     """One module of QuantReport.layers (bits = KEEP_BITS for a module a mixed plan left unquantized)."""
     return {"bits": bits, "group_size": group_size, "in_features": linear.in_features,
             "out_features": linear.out_features, "error": error}
+
+
+def planned_layers(model: torch.nn.Module, bits: int, group_size: int, include_lm_head: bool) -> dict:
+    """Layer records for a library backend, written before it quantizes (its error is not reported: NaN)."""
+    return {name: layer_record(linear, bits, group_size, float("nan"))
+            for name, linear in quantizable_linears(model, include_lm_head=include_lm_head).items()}
