@@ -213,7 +213,13 @@ def speed_vs_memory(data: ReportData) -> Optional[Section]:
     return Section("Tokens/s vs memory", fig, caption)
 
 
-BUILTIN_SECTIONS: List[SectionFn] = [perplexity_vs_bits, quality_vs_memory, speed_vs_memory]
+def sensitivity_heatmap(data: ReportData) -> Optional[Section]:
+    from sweep.sensitivity import report_section  # lazy: torch-heavy module, only for this section
+
+    return report_section(data)
+
+
+BUILTIN_SECTIONS: List[SectionFn] = [perplexity_vs_bits, quality_vs_memory, speed_vs_memory, sensitivity_heatmap]
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

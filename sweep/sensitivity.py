@@ -204,3 +204,27 @@ def write_heatmap(tracker, out_dir: Path, run_id: Optional[str] = None) -> Optio
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def report_section(data):
+    """The HTML report's heat-map section (sweep/report_html.py): the newest finished sensitivity run
+    in the experiment of the report's runs; None when the experiment has none."""
+    import os
+
+    from sweep.report_html import Section
+
+    if not data.runs or data.client is None:
+        return None
+    runs = data.client.search_runs(
+        [data.runs[0].info.experiment_id],
+        filter_string="tags.method = 'sensitivity' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        table = json.loads(Path(data.client.download_artifacts(runs[0].info.run_id, ARTIFACT, tmp)).read_text())
+    return Section(title="Per-layer sensitivity", figure=heatmap_figure(table),
+                   caption=f"Perplexity increase when one layer group alone is quantized (run "
+                           f"{runs[0].info.run_id[:12]}); <code>python -m sweep.allocate</code> turns it into "
+                           "per-layer bits.")
