@@ -57,6 +57,10 @@ class RetryingClient:
         self._client = client
 
     def __getattr__(self, name: str) -> Any:
+        # Unpickling (joblib/submitit send the launcher's callbacks to workers) looks attributes up
+        # before __init__ has set _client: refuse those instead of recursing.
+        if name.startswith("__") or name == "_client":
+            raise AttributeError(name)
         attr = getattr(self._client, name)
         return retry_locked(attr) if callable(attr) else attr
 
