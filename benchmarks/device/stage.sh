@@ -30,9 +30,9 @@ case "$1" in
     sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512 ;;
   quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
     sweep method=fp16 bench=none
-    sweep -m method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none ;;
+    sweep method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none -m ;;
   quality-ar) # the embedded model: AutoRound at 2/3/4/8 bits, g128 and g32
-    sweep -m method=autoround bits=2,3,4,8 group_size=128,32 bench=none ;;
+    sweep method=autoround bits=2,3,4,8 group_size=128,32 bench=none -m ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac
 # (the command that calls this exports the store afterwards, also when a stage ran out of time)
