@@ -28,6 +28,8 @@ case "$1" in
     sweep $big method=autoround bits=4 group_size=128 method.iters=0 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1
     sweep $one method=fp16 bench.disk_size=false
     sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512 ;;
+  8b-ar)     # AutoRound 4-bit (RTN mode) packed on the 8B shape, short latency run
+    sweep $big method=autoround bits=4 group_size=128 method.iters=0 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1 bench.max_new_tokens=64 ;;
   quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
     sweep method=fp16 bench=none
     sweep method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none -m ;;

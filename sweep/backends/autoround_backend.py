@@ -16,12 +16,14 @@ import torch
 from sweep.backends import require
 from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, scratch_dir
 
+SEQLEN_MARGIN = 8
 PACKED_BITS = {"auto_round": (2, 3, 4, 8), "auto_gptq": (2, 3, 4, 8), "auto_awq": (4,)}
 
 
 def calibration_texts(tokenizer, samples: List[torch.Tensor]) -> List[str]:
-    # AutoRound tokenizes its dataset itself and needs every text to reach seqlen tokens;
-    # the run's calibration samples are exactly seqlen tokens long, so decode them back.
+    # AutoRound tokenizes its dataset itself and drops texts shorter than seqlen tokens; the
+    # run's samples are exactly the calibration seqlen long, and the method asks AutoRound for a
+    # few tokens less (SEQLEN_MARGIN) so that re-tokenizing the decoded text cannot fall short.
     return [tokenizer.decode(s.reshape(-1), skip_special_tokens=True) for s in samples]
 
 

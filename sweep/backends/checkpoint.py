@@ -23,7 +23,8 @@ def directory_size_mb(directory: str, pattern: str = "*") -> float:
     return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file()) / MB
 
 
-def kernel_classes(model: torch.nn.Module, packages=("gptqmodel", "auto_round", "bitsandbytes")) -> List[str]:
+def kernel_classes(model: torch.nn.Module,
+                   packages=("gptqmodel", "auto_round", "auto_round_extension", "bitsandbytes")) -> List[str]:
     """Class names of the modules that run packed weights (the low-bit kernels in use)."""
     names = set()
     for module in model.modules():
@@ -32,7 +33,7 @@ def kernel_classes(model: torch.nn.Module, packages=("gptqmodel", "auto_round", 
         if root in packages or "Linear4bit" in cls.__name__ or "Linear8bit" in cls.__name__:
             if any(isinstance(t, torch.Tensor) for t in module.buffers(recurse=False)) or \
                     any(True for _ in module.parameters(recurse=False)):
-                names.add(cls.__name__)
+                names.add(cls.__name__ if root != "auto_round_extension" else cls.__module__.split(".", 1)[1])
     return sorted(names)
 
 

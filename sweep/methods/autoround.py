@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from sweep.backends import available
-from sweep.backends.autoround_backend import PACKED_BITS, quantize_and_reload
+from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
 from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
 from sweep.methods.rtn import planned_layers
 
@@ -52,7 +52,7 @@ class AutoRoundMethod(QuantMethod):
         device = str(next(model.parameters()).device)
         layers = planned_layers(model, cfg.bits, cfg.group_size, include_lm_head=cfg.quantize_lm_head)
         kwargs = dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, iters=opts.iters,
-                      nsamples=len(calibration), seqlen=int(calibration[0].numel()),
+                      nsamples=len(calibration), seqlen=max(8, int(calibration[0].numel()) - SEQLEN_MARGIN),
                       batch_size=min(opts.batch_size, len(calibration)), quant_lm_head=cfg.quantize_lm_head)
         if opts.lr is not None:
             kwargs["lr"] = opts.lr
