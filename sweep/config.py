@@ -213,7 +213,8 @@ def validate(cfg: SweepConfig) -> None:
     elif Path(os.path.expanduser(cfg.model.path)).is_dir():
         from sweep.model_checks import model_dir_errors
 
-        errors.extend(model_dir_errors(Path(os.path.expanduser(cfg.model.path))))
+        errors.extend(model_dir_errors(Path(os.path.expanduser(cfg.model.path)),
+                                       tokenizer_only=cfg.model.init == "random"))
     elif not cfg.allow_hub:
         bad("model.path", cfg.model.path,
             "not a local directory, and Hub downloads are off: give a local model directory, "

@@ -17,14 +17,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def model_dir_errors(path: Path, field: str = "model.path") -> List[str]:
+def model_dir_errors(path: Path, field: str = "model.path", tokenizer_only: bool = False) -> List[str]:
+    """What a local model directory lacks; `tokenizer_only` for model.init=random, where it supplies just that."""
     errors = []
-    if not (path / "config.json").is_file():
+    if not tokenizer_only and not (path / "config.json").is_file():
         errors.append(f"{field}={str(path)!r} has no config.json: not a Hugging Face model directory")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         errors.append(f"{field}={str(path)!r} has no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
                       "(save it with tokenizer.save_pretrained(dir))")
-    if not any(path.glob("*.safetensors")):
+    if not tokenizer_only and not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
         why = (f"only pickle-based weights ({', '.join(pickled[:3])}), which sweep does not load because "
                "unpickling can run code; convert them with model.save_pretrained(dir, safe_serialization=True)"
@@ -80,6 +81,8 @@ def check_against_model(cfg, model_config: Dict[str, Any] | None = None) -> None
     from sweep.config import ConfigError
     from sweep.models import model_location
 
+    if model_config is None and cfg.model.init == "random":
+        model_config = dict(cfg.model.architecture or {})  # the path supplies only the tokenizer
     if model_config is None:
         model_config = read_model_config(model_location(cfg.model, cfg.cache_dir))
     errors = group_size_errors(cfg, model_config)

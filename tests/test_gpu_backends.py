@@ -141,3 +141,24 @@ def test_gptqmodel_packs_and_reloads_on_gpu(embedded_model_dir, tmp_path):
     result = run_point(cfg)
     assert result.status == "FINISHED", result.error
     assert result.metrics["memory.disk_mb"] > 0 and result.metrics["memory.weights_mb"] > 0
+
+
+def test_random_init_checks_its_own_architecture_and_needs_only_a_tokenizer(embedded_model_dir, tmp_path,
+                                                                            monkeypatch):
+    """model.init=random: the path is a tokenizer folder, and group sizes are checked against the
+    architecture, not against the tokenizer's source model (SmolLM2's 576 would refuse g128)."""
+    import shutil
+
+    from sweep.model_checks import check_against_model
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model_dir / name, tmp_path / name)
+    from sweep.config import ConfigError
+
+    cfg = make_config("model=llama-3.2-1b-shape", f"model.path={tmp_path}", "method=rtn")
+    monkeypatch.setattr(get_method("rtn"), "ragged_groups", False)  # as for a packed backend
+    check_against_model(cfg)  # 2048 and 8192 divide 128: no error
+    with pytest.raises(ConfigError, match="group_size=128"):
+        check_against_model(make_config("model=smollm2-135m", "method=rtn"))  # 576 does not
+    message = errors_of("model=llama-3.2-1b-shape", f"model.path={tmp_path / 'missing'}")
+    assert "model.path" in message
