@@ -5,7 +5,6 @@ traceback as an artifact) and returned, so the other grid points of a sweep go o
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import platform
@@ -24,8 +23,8 @@ from sweep import calibration as calib
 from sweep.config import SweepConfig, config_hash
 from sweep.dataset_inputs import dataset_inputs
 from sweep.measure import memory
-from sweep.backends.checkpoint import directory_size_mb
-from sweep.measure.latency import bandwidth_fraction, measure_latency
+from sweep.backends.checkpoint import free_accelerator_memory, scratch_dir
+from sweep.measure.latency import bandwidth_fraction, device_bandwidth_gbps, measure_latency
 from sweep.measure.quality import evaluate
 from sweep.methods import get_method
 from sweep.methods.base import PACKED, UNQUANTIZED
@@ -112,9 +111,7 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
         _record_failure(tracker, run_id, "FAILED", log_file)
         return PointResult("FAILED", run_id, {}, error=f"{type(exc).__name__}: {exc}")
     finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
     if log_file and log_file.is_file():
         tracker.log_file(run_id, log_file)
     tracker.finish(run_id, "FINISHED")
@@ -151,7 +148,7 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
     else:
         tracker.set_tags(run_id, {"calibration": "none"})
 
-    workdir = tempfile.mkdtemp(prefix="quantize-", dir=_scratch_root(cache))
+    workdir = tempfile.mkdtemp(prefix="quantize-", dir=scratch_dir(str(cache), "scratch"))
     method.attach(tokenizer, workdir)
     try:
         with progress.phase("quantize"), peaks.phase("quantize"):
@@ -165,12 +162,6 @@ def _measure(cfg: SweepConfig, device: str, tracker: Tracker, run_id: str, progr
                                   report, cache)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _scratch_root(cache) -> str:
-    root = cache / "scratch"
-    root.mkdir(parents=True, exist_ok=True)
-    return str(root)
 
 
 def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, model, tokenizer, report, cache):
@@ -197,7 +188,7 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
     for name, content in report.artifacts.items():
         tracker.log_json(run_id, content, name)
     if report.saved_dir:
-        metrics["memory.disk_mb"] = directory_size_mb(report.saved_dir, "*.safetensors")
+        metrics["memory.disk_mb"] = memory.directory_size_mb(report.saved_dir, "*.safetensors")
     elif cfg.bench.disk_size:
         metrics["memory.disk_mb"] = memory.disk_size_mb(model)
 
@@ -209,14 +200,13 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
             progress.say(f"[yellow]latency mode {mode} failed: {error}[/yellow]")
         for mode, result in latencies.items():
             prefix = "latency." if mode == "eager" else f"latency.{mode}."
-            metrics.update({prefix + k: v for k, v in result.metrics().items()})
-            if device.startswith("cuda") and "tokens_per_s" in result.metrics():
+            mode_metrics = result.metrics()
+            metrics.update({prefix + k: v for k, v in mode_metrics.items()})
+            if device.startswith("cuda") and "tokens_per_s" in mode_metrics:
                 # Decode at batch b streams every weight once per step: bytes x steps/s vs the device bandwidth.
                 metrics[prefix + "bandwidth_fraction"] = bandwidth_fraction(
-                    memory.weight_footprint_mb(model), result.metrics()["tokens_per_s"] / cfg.bench.batch_size)
+                    metrics["memory.weights_mb"], mode_metrics["tokens_per_s"] / cfg.bench.batch_size)
         if device.startswith("cuda"):
-            from sweep.measure.latency import device_bandwidth_gbps
-
             metrics["device.bandwidth_gbps"] = device_bandwidth_gbps()
         latency = latencies.get("eager") or next(iter(latencies.values()))
         tracker.log_json(run_id, latency.samples, "samples.json")

@@ -162,3 +162,10 @@ def test_random_init_checks_its_own_architecture_and_needs_only_a_tokenizer(embe
         check_against_model(make_config("model=smollm2-135m", "method=rtn"))  # 576 does not
     message = errors_of("model=llama-3.2-1b-shape", f"model.path={tmp_path / 'missing'}")
     assert "model.path" in message
+
+
+def test_layer_bits_of_a_random_shape_are_not_checked_against_the_tokenizer_model(embedded_model_dir):
+    """Layer 31 exists in the 8B shape but not in SmolLM2 (30 layers), whose folder supplies only the tokenizer."""
+    cfg = make_config("model=llama-3.1-8b-shape", "method=rtn", "+method.layer_bits={layers.31.mlp.down_proj: 8}")
+    assert cfg.method["layer_bits"] == {"layers.31.mlp.down_proj": 8}
+    assert "layers.31" in errors_of("method=rtn", "+method.layer_bits={layers.31.mlp.down_proj: 8}")

@@ -30,11 +30,14 @@ def require(module: str):
     return importlib.import_module(module)
 
 
-def cuda_backend_errors(method: str, cfg, module: str, library: str) -> list:
-    """The two ways a CUDA-only library backend cannot run, as config errors (before any model load)."""
+def cuda_backend_errors(setting: str, cfg, module: str, library: str, instead: str = "") -> list:
+    """The two ways a CUDA-only library backend cannot run, as config errors (before any model load).
+
+    `setting` names what chose the backend (`method=bnb`, `method.backend='gptqmodel'`); `instead`
+    says what to use instead, if anything."""
     errors = []
     if cfg.device == "cpu":
-        errors.append(f"method={method} is not allowed with device=cpu: sweep runs {library} on CUDA only")
+        errors.append(f"{setting} is not allowed with device=cpu: sweep runs {library} on CUDA only{instead}")
     if not available(module):
-        errors.append(f"method={method} needs {library}, which is not installed: {INSTALL_HINT[module]}")
+        errors.append(f"{setting} needs {library}, which is not installed: {INSTALL_HINT[module]}{instead}")
     return errors

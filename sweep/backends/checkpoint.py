@@ -7,9 +7,6 @@ from typing import List
 
 import torch
 
-MB = 1024 * 1024
-
-
 def save_for_backend(model: torch.nn.Module, tokenizer, directory: str) -> str:
     """Save the model as the run has it (dtype, truncation, random init) with its tokenizer."""
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -17,10 +14,6 @@ def save_for_backend(model: torch.nn.Module, tokenizer, directory: str) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
-
-
-def directory_size_mb(directory: str, pattern: str = "*") -> float:
-    return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file()) / MB
 
 
 def kernel_classes(model: torch.nn.Module,

@@ -42,11 +42,15 @@ def packed_weights_mb(model: torch.nn.Module, quantized: Dict[str, dict], sym: b
     return total_bits / 8 / MB
 
 
+def directory_size_mb(directory: str, pattern: str = "*") -> float:
+    return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file()) / MB
+
+
 def disk_size_mb(model: torch.nn.Module) -> float:
     """Size of `save_pretrained` output (safetensors) in a temporary directory."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / MB
+        return directory_size_mb(tmp)
 
 
 def _nvml_used_bytes():
@@ -74,13 +78,14 @@ class PeakMemory:
         self.device = device
         self.interval_s = interval_s
         self.peaks: Dict[str, float] = {}
+        self._nvml_used = _nvml_used_bytes() if device.startswith("cuda") else None
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         proc = psutil.Process(os.getpid())
         peak = [proc.memory_info().rss]
         cuda = self.device.startswith("cuda")
-        nvml = _nvml_used_bytes() if cuda else None
+        nvml = self._nvml_used
         nvml_peak = [nvml() if nvml else 0]
         stop = threading.Event()
 

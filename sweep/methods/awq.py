@@ -36,7 +36,7 @@ class AWQ(QuantMethod):
         errors = []
         if options.kernel not in KERNELS:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
-        return errors + cuda_backend_errors("awq", cfg, "gptqmodel", "GPTQModel's AWQ")
+        return errors + cuda_backend_errors("method=awq", cfg, "gptqmodel", "GPTQModel's AWQ")
 
     def quantize(self, model, calibration, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options

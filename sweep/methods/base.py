@@ -123,7 +123,7 @@ def layer_bits_errors(cfg, layer_bits: Dict[str, Any]) -> List[str]:
     module names come from the model's config on the meta device when it is already on this
     machine (else the check runs again, before quantizing, on the loaded model)."""
     parsed, errors = parse_layer_bits(layer_bits)
-    if errors or not parsed:
+    if errors or not parsed or cfg.model.init == "random":  # random: model.path holds only the tokenizer
         return errors
     names = _target_names(cfg.model.path, cfg.model.num_layers, cfg.model.trust_remote_code, cfg.cache_dir,
                           cfg.quantize_lm_head)

@@ -41,7 +41,7 @@ class BitsAndBytes(QuantMethod):
             errors.append(f"method.quant_type={options.quant_type!r} is not allowed: one of {', '.join(QUANT_TYPES)}")
         if options.compute_dtype not in ("float16", "bfloat16", "float32"):
             errors.append(f"method.compute_dtype={options.compute_dtype!r} is not allowed: float16, bfloat16 or float32")
-        return errors + cuda_backend_errors("bnb", cfg, "bitsandbytes", "bitsandbytes")
+        return errors + cuda_backend_errors("method=bnb", cfg, "bitsandbytes", "bitsandbytes")
 
     def quantize(self, model, calibration, progress) -> QuantReport:
         require("bitsandbytes")

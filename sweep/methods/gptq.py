@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from sweep.backends import available
+from sweep.backends import available, cuda_backend_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record, planned_layers
@@ -66,12 +66,8 @@ class GPTQ(QuantMethod):
             errors.append(f"method.kernel={options.kernel!r} cannot run bits={cfg.bits}: it packs bits "
                           f"{', '.join(map(str, GPTQ_KERNEL_BITS[options.kernel]))}")
         if options.backend == "gptqmodel":
-            if cfg.device == "cpu":
-                errors.append("method.backend='gptqmodel' is not allowed with device=cpu here: sweep runs GPTQModel "
-                              "on CUDA only; use method.backend=torch on CPU")
-            if not available("gptqmodel"):
-                errors.append("method.backend='gptqmodel' is not allowed: gptqmodel is not installed "
-                              "(pip install 'gptqmodel>=7.6'), or use method.backend=torch")
+            errors += cuda_backend_errors("method.backend='gptqmodel'", cfg, "gptqmodel", "GPTQModel",
+                                          instead="; use method.backend=torch")
             if options.layer_bits:
                 errors.append("method.layer_bits is not allowed with method.backend='gptqmodel' yet: "
                               "use method.backend=torch (or auto) for mixed precision")
