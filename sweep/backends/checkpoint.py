@@ -17,7 +17,7 @@ def save_for_backend(model: torch.nn.Module, tokenizer, directory: str) -> str:
 
 
 def kernel_classes(model: torch.nn.Module,
-                   packages=("gptqmodel", "auto_round", "auto_round_extension", "bitsandbytes")) -> List[str]:
+                   packages=("gptqmodel", "auto_round", "auto_round_extension", "bitsandbytes", "sweep")) -> List[str]:
     """Class names of the modules that run packed weights (the low-bit kernels in use)."""
     names = set()
     for module in model.modules():

@@ -16,6 +16,8 @@ import torch
 
 from sweep.backends import require
 from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, save_for_backend, scratch_dir
+from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
+from sweep.backends.tinygemm import KERNEL as TINYGEMM
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,8 @@ GPTQ_KERNEL_BITS = {
     "gptq_triton": (2, 4, 8),
     "gptq_torch": (2, 3, 4, 8),
     "gptq_exllama_v2": (4,),
-    "gptq_marlin": (4, 8),      # fastest at batch 1; its CUDA code compiles on first use (~4 min)
+    "gptq_marlin": (4, 8),      # built for batch-1 decode; its CUDA code compiles on first use (~4 min)
+    TINYGEMM: (4,),             # PyTorch's own int4 matmul (sweep/backends/tinygemm.py), loaded via gptq_torch
 }
 AWQ_KERNEL_BITS = {"awq_gemm_triton": (4,), "awq_torch": (4,), "awq_gemm": (4,), "awq_marlin": (4,)}
 PACKED_GPTQ_BITS = (2, 3, 4, 8)
@@ -37,10 +40,19 @@ DEFAULT_GPTQ_KERNEL = {2: "gptq_triton", 3: "gptq_torch", 4: "gptq_triton", 8: "
 DEFAULT_AWQ_KERNEL = "awq_gemm_triton"
 
 
-def gptq_kernel_for(bits: int, kernel: str) -> str:
+def gptq_kernel_for(bits: int, kernel: str, group_size: int = 128, desc_act: bool = False,
+                    in_features=()) -> str:
+    """The kernel a run uses: the named one, or for `auto` the fastest that takes these weights."""
     if kernel != "auto":
         return kernel
+    if bits == 4 and tinygemm_fits(group_size, desc_act, in_features):
+        return TINYGEMM
     return DEFAULT_GPTQ_KERNEL[bits]
+
+
+def tinygemm_fits(group_size: int, desc_act: bool, in_features) -> bool:
+    return (not desc_act and group_size in TINYGEMM_GROUP_SIZES and bool(in_features)
+            and all(n % group_size == 0 and n % 32 == 0 for n in in_features))
 
 
 def calibration_records(samples: List[torch.Tensor]) -> List[Dict[str, List[int]]]:
@@ -75,8 +87,25 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, qu
     seconds = time.perf_counter() - start
     del qmodel
     free_accelerator_memory()
-    reloaded = GPTQModel.load(packed_dir, device=device, backend=kernel)
-    hf_model = reloaded.model
-    hf_model.eval()
+    hf_model = load_packed(packed_dir, device, kernel)
     return {"model": hf_model, "saved_dir": packed_dir, "kernel": kernel,
             "kernel_classes": kernel_classes(hf_model), "seconds": seconds}
+
+
+def load_packed(packed_dir: str, device: str, kernel: str):
+    """A GPTQ-format checkpoint loaded for inference on `kernel` (the transformers model)."""
+    require("gptqmodel")
+    from gptqmodel import GPTQModel
+
+    if kernel == TINYGEMM:
+        from sweep.backends.tinygemm import convert_model
+
+        # GPTQModel's pure-torch layers unpack the checkpoint (incl. its zero-point format);
+        # their buffers then move onto tinygemm, checked against GPTQModel's own dequantization.
+        model = GPTQModel.load(packed_dir, device=device, backend="gptq_torch").model
+        convert_model(model, check_with=lambda module: module.dequantize_weight())
+        free_accelerator_memory()
+    else:
+        model = GPTQModel.load(packed_dir, device=device, backend=kernel).model
+    model.eval()
+    return model

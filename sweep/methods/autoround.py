@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from sweep.backends import available
+from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
+from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
 from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
 from sweep.methods.rtn import planned_layers
 
 EXPORT_FORMATS = tuple(PACKED_BITS)
+KERNELS = ("auto", TINYGEMM)
 
 
 @dataclass
@@ -23,6 +26,9 @@ class AutoRoundOptions:
     lr: Optional[float] = None     # null: auto-round's default (1/iters)
     batch_size: int = 8
     export_format: str = "auto_round"   # auto_round | auto_gptq | auto_awq
+    # auto: the kernel transformers/auto-round pick for the export; tinygemm_int4 (4-bit auto_gptq
+    # exports): PyTorch's int4 matmul, loaded through GPTQModel (sweep/backends/tinygemm.py).
+    kernel: str = "auto"
 
 
 class AutoRoundMethod(QuantMethod):
@@ -43,6 +49,20 @@ class AutoRoundMethod(QuantMethod):
         if options.export_format not in EXPORT_FORMATS:
             errors.append(f"method.export_format={options.export_format!r} is not allowed: "
                           f"formats are {', '.join(EXPORT_FORMATS)}")
+        if options.kernel not in KERNELS:
+            errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
+        elif options.kernel == TINYGEMM:
+            if options.export_format != "auto_gptq":
+                errors.append(f"method.kernel={TINYGEMM!r} needs method.export_format='auto_gptq', "
+                              f"not {options.export_format!r}")
+            if cfg.bits != 4:
+                errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={TINYGEMM!r}: it runs 4-bit only")
+            if cfg.group_size not in TINYGEMM_GROUP_SIZES:
+                errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={TINYGEMM!r}: "
+                              f"allowed are {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
+            if not available("gptqmodel"):
+                errors.append(f"method.kernel={TINYGEMM!r} loads the export through GPTQModel, which is not "
+                              "installed: pip install 'gptqmodel>=7.6'")
         if not available("auto_round"):
             errors.append("method=autoround needs auto-round, which is not installed: pip install 'auto-round>=0.16'")
         return errors
@@ -57,9 +77,11 @@ class AutoRoundMethod(QuantMethod):
         if opts.lr is not None:
             kwargs["lr"] = opts.lr
         progress.say(f"auto-round: {len(layers)} linears, iters={opts.iters}, export {opts.export_format}")
-        out = quantize_and_reload(model, self.tokenizer, calibration, self.workdir, device, kwargs, opts.export_format)
+        out = quantize_and_reload(model, self.tokenizer, calibration, self.workdir, device, kwargs, opts.export_format,
+                                  kernel=opts.kernel)
         report = QuantReport(backend="auto-round", weights=PACKED if out["packed"] else SIMULATED,
-                             kernel=f"{out['format']} ({', '.join(out['kernel_classes']) or 'torch linear'})",
+                             kernel=f"{out['format'] if opts.kernel == 'auto' else opts.kernel} "
+                                    f"({', '.join(out['kernel_classes']) or 'torch linear'})",
                              layers=layers, model=out["model"], saved_dir=out["saved_dir"])
         if not out["packed"]:
             report.notes.append(f"{opts.export_format} packs bits {PACKED_BITS[opts.export_format]}, not {cfg.bits}: "

@@ -65,6 +65,11 @@ class QuantMethod:
     supported_bits: ClassVar[FrozenSet[int]] = frozenset(range(1, 9))
     ragged_groups: ClassVar[bool] = False
 
+    @classmethod
+    def handles_ragged_groups(cls, cfg) -> bool:
+        """Whether this run can quantize a ragged last group (options may narrow `ragged_groups`)."""
+        return cls.ragged_groups
+
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.options = self.parse_options(cfg.method)
