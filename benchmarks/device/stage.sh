@@ -21,12 +21,19 @@ case "$1" in
     sweep $one method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512
     sweep $one method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512
     sweep $one method=fp16 bench.disk_size=false ;;
+  1b-gptq-int4) # 1B shape: GPTQ 4-bit on tinygemm
+    sweep $one method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 ;;
+  quality-ar) # the embedded model: AutoRound (50 tuning steps) at 4/3/2/8 bits, g32 (its groups must divide 576)
+    sweep method=autoround bits=4,3,2,8 group_size=32 method.iters=50 bench=none -m ;;
   8b-gptq-int4) # GPTQ 4-bit on the 8B shape, packed onto tinygemm: quantization time, memory, decode speed
     sweep $big method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
   8b-bnb)    # bitsandbytes nf4 on the 8B shape
     sweep $big method=bnb bits=4 bench.repeats=1 ;;
   8b-ar-int4) # AutoRound 4-bit (RTN mode), GPTQ export on tinygemm, on the 8B shape
     sweep $big method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1 ;;
+  quality-last) # what one call's last minutes allow: GPTQ 4-bit g32 on tinygemm, then AutoRound (50 iters) at 2/3/4/8 bits
+    sweep method=gptq bits=4 group_size=32 $int4 bench=none
+    sweep method=autoround bits=4,8,3,2 group_size=32,128 method.iters=50 bench=none -m ;;
   quality-int4) # the embedded model: GPTQ and AutoRound 4-bit on tinygemm (its groups must divide 576: 32, 64)
     sweep method=gptq bits=4 group_size=32,64 $int4 bench=none -m
     sweep method=autoround bits=4 group_size=32 method.export_format=auto_gptq $int4 bench=none ;;
@@ -49,8 +56,6 @@ case "$1" in
   quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
     sweep method=fp16 bench=none
     sweep method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none -m ;;
-  quality-ar) # the embedded model: AutoRound at 2/3/4/8 bits, g128 and g32
-    sweep method=autoround bits=2,3,4,8 group_size=128,32 bench=none -m ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac
 # (the command that calls this exports the store afterwards, also when a stage ran out of time)

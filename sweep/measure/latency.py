@@ -7,13 +7,18 @@ is taken after a synchronize, so it marks when the token really exists.
 Two modes (bench.mode): "eager" is generate() as users call it; on a fast GPU its decode is
 bound by Python and kernel launches, not by the weights. "static" uses a static KV cache, which
 lets transformers compile the decode step with CUDA graphs, so the step time approaches what
-the weights' memory traffic allows. At batch b every step yields b tokens: tokens_per_s counts
+the weights' memory traffic allows. transformers skips that compile for models loaded through a
+quantizer it does not mark compileable (GPTQ, AWQ, auto-round, bitsandbytes), whatever kernel runs
+them; static mode lifts that gate for its duration (`_compile_gate_lifted`) and records whether
+the decode step was compiled and how many graph breaks the kernels caused, so a kernel that does
+not compile shows as such instead of as a quietly uncompiled number. At batch b every step yields b tokens: tokens_per_s counts
 all of them, itl_ms is the time per step.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -77,10 +82,16 @@ class LatencyResult:
     new_tokens: List[int] = field(default_factory=list)
     samples: List[Dict[str, str]] = field(default_factory=list)
     batch_size: int = 1
+    # static mode: whether generate() compiled the decode step, and the graph breaks it hit
+    compiled: bool | None = None
+    graph_breaks: int | None = None
 
     def metrics(self) -> Dict[str, float]:
         if not self.request_ms:
             return {}
+        extra = {}
+        if self.compiled is not None:
+            extra = {"compiled": float(self.compiled), "graph_breaks": float(self.graph_breaks or 0)}
         decode_s = sum(r - t for r, t in zip(self.request_ms, self.ttft_ms)) / 1000
         decode_tokens = sum(n - 1 for n in self.new_tokens) * self.batch_size
         return {
@@ -93,6 +104,7 @@ class LatencyResult:
             "tokens_per_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
             # end to end: every generated token over the whole request
             "e2e_tokens_per_s": sum(self.new_tokens) * self.batch_size / (sum(self.request_ms) / 1000),
+            **extra,
         }
 
 
@@ -145,8 +157,44 @@ def measure_latency(model, tokenizer, cfg: BenchConfig, progress=None):
     return results, errors
 
 
+@contextmanager
+def _compile_gate_lifted(model):
+    """Let generate() compile a model whose quantizer transformers does not mark compileable.
+
+    The flag is per quantizer, not per kernel: it stays off for GPTQ even when the kernel is an
+    ordinary aten op. Hiding the quantizer while generating changes nothing else in generate().
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(quantizer, "is_compileable", True):
+        yield
+        return
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
 @torch.no_grad()
 def _measure_mode(model, tokenizer, cfg: BenchConfig, mode: str, progress=None) -> LatencyResult:
+    if mode != "static":
+        return _generate_timed(model, tokenizer, cfg, mode, progress)
+    breaks = _graph_breaks()
+    with _compile_gate_lifted(model):
+        result = _generate_timed(model, tokenizer, cfg, mode, progress)
+    # transformers keeps the compiled forward on the model once it has compiled it
+    result.compiled = getattr(model, "_compiled_call", None) is not None
+    result.graph_breaks = _graph_breaks() - breaks
+    return result
+
+
+def _generate_timed(model, tokenizer, cfg: BenchConfig, mode: str, progress=None) -> LatencyResult:
     device = next(model.parameters()).device
     sync = device.type == "cuda"
     encoded = [_encode(tokenizer, p, cfg.chat_template, device) for p in cfg.prompts]
