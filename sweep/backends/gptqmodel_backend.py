@@ -33,9 +33,10 @@ AWQ_KERNEL_BITS = {"awq_gemm_triton": (4,), "awq_torch": (4,), "awq_gemm": (4,),
 PACKED_GPTQ_BITS = (2, 3, 4, 8)
 # "auto" in this project means a kernel that needs neither a download nor a long compile:
 # GPTQModel's own BACKEND.AUTO may try to fetch prebuilt kernels, which fails offline.
-# Triton for 4-bit: exllama_v2 refuses in_features not divisible by group_size (576 vs 128 in
-# the embedded model), and its custom op breaks the compiled static-cache decode (4 tokens/s on
-# the 1B shape vs 47 eager); Triton kernels compile into the graph (docs/benchmarks.md).
+# 4-bit: tinygemm where its groups fit (on the H100 its matmul beats fp16 on the 8B MLP shapes
+# and it decodes at least as fast as Triton: docs/benchmarks.md), else Triton: exllama_v2 refuses
+# in_features not divisible by group_size (576 vs 128 in the embedded model) and its custom op
+# breaks the compiled static-cache decode (4 tokens/s on the 1B shape vs 47 eager).
 DEFAULT_GPTQ_KERNEL = {2: "gptq_triton", 3: "gptq_torch", 4: "gptq_triton", 8: "gptq_triton"}
 DEFAULT_AWQ_KERNEL = "awq_gemm_triton"
 
