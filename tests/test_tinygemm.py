@@ -171,3 +171,31 @@ def test_static_mode_lifts_the_quantizer_compile_gate_and_restores_it():
     model.hf_quantizer = compileable
     with _compile_gate_lifted(model):
         assert model.hf_quantizer is compileable
+
+
+def test_single_device_dispatch_hooks_are_removed_so_the_decode_compiles_in_one_graph():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from sweep.backends.checkpoint import drop_single_device_hooks
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=256)
+    model = LlamaForCausalLM(config).eval()
+    # what GPTQModel does when it loads onto one CUDA device: a hook per decoder layer and top module
+    for name in ("model.embed_tokens", "model.norm", "lm_head", "model.layers.0", "model.layers.1"):
+        add_hook_to_module(model.get_submodule(name), AlignDevicesHook(torch.device("cpu"), io_same_device=True))
+
+    def decode_step_graph_breaks():
+        torch._dynamo.reset()
+        cache = StaticCache(config=config, max_cache_len=16)
+        step = dict(input_ids=torch.tensor([[3]]), past_key_values=cache, cache_position=torch.tensor([0]))
+        return torch._dynamo.explain(model)(**step).graph_break_count
+
+    with torch.no_grad():
+        before = model(torch.tensor([[1, 2, 3]])).logits
+        assert decode_step_graph_breaks() > 0
+        assert drop_single_device_hooks(model) == 5
+        assert decode_step_graph_breaks() == 0
+        assert torch.equal(model(torch.tensor([[1, 2, 3]])).logits, before)
+    assert drop_single_device_hooks(model) == 0  # nothing left to remove

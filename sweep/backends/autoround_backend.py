@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 import torch
 
 from sweep.backends import require
-from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, scratch_dir
+from sweep.backends.checkpoint import drop_single_device_hooks, free_accelerator_memory, kernel_classes, scratch_dir
 
 SEQLEN_MARGIN = 8
 PACKED_BITS = {"auto_round": (2, 3, 4, 8), "auto_gptq": (2, 3, 4, 8), "auto_awq": (4,)}
@@ -60,6 +60,7 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
         reloaded = load_packed(out_dir, device, kernel)
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
+        drop_single_device_hooks(reloaded)
         reloaded.eval()
     return {"model": reloaded, "saved_dir": out_dir, "format": fmt, "packed": packed,
             "kernel_classes": kernel_classes(reloaded), "seconds": seconds}

@@ -30,6 +30,25 @@ def kernel_classes(model: torch.nn.Module,
     return sorted(names)
 
 
+def drop_single_device_hooks(model: torch.nn.Module) -> int:
+    """Remove accelerate's device-placement hooks from a model whose weights all sit on one device.
+
+    GPTQModel dispatches a CUDA load with an `AlignDevicesHook` per decoder layer (and on the
+    embeddings, norm and head). On one device they move nothing, but accelerate marks them
+    compile-disabled, so each one splits the compiled decode step: on the H100 the packed 8B model's
+    static decode had 55 graph breaks (fp16: 0). Returns how many hooks were removed.
+    """
+    hooked = [m for m in model.modules() if hasattr(m, "_hf_hook")]
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if not hooked or len(devices) != 1:
+        return 0
+    from accelerate.hooks import remove_hook_from_module
+
+    for module in hooked:
+        remove_hook_from_module(module)
+    return len(hooked)
+
+
 def free_accelerator_memory() -> None:
     import gc
 

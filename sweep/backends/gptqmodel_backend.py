@@ -15,7 +15,13 @@ from typing import Any, Dict, List
 import torch
 
 from sweep.backends import require
-from sweep.backends.checkpoint import free_accelerator_memory, kernel_classes, save_for_backend, scratch_dir
+from sweep.backends.checkpoint import (
+    drop_single_device_hooks,
+    free_accelerator_memory,
+    kernel_classes,
+    save_for_backend,
+    scratch_dir,
+)
 from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 
@@ -108,5 +114,8 @@ def load_packed(packed_dir: str, device: str, kernel: str):
         free_accelerator_memory()
     else:
         model = GPTQModel.load(packed_dir, device=device, backend=kernel).model
+    removed = drop_single_device_hooks(model)
+    if removed:
+        log.info("removed %d single-device dispatch hooks (they break the compiled decode)", removed)
     model.eval()
     return model
