@@ -140,6 +140,13 @@ def test_config_errors_name_the_field_and_the_allowed_values():
     assert "cannot run bits=3" in errors_of("method=gptq", "method.kernel=tinygemm_int4", "bits=3")
     message = errors_of("method=autoround", "method.kernel=tinygemm_int4", "method.export_format=auto_round")
     assert "method.export_format='auto_gptq'" in message
+    message = errors_of("method=autoround", "method.kernel=tinygemm_int4", "method.export_format=auto_gptq", "bits=3")
+    assert "bits=3 is not allowed with method.kernel='tinygemm_int4': it runs bits 4" in message
+    # gptq_torch runs 3-bit: any error left is only about libraries missing here
+    try:
+        validate(make_config("method=autoround", "method.kernel=gptq_torch", "method.export_format=auto_gptq", "bits=3"))
+    except ConfigError as err:
+        assert "is not allowed" not in str(err)
 
 
 def test_ragged_groups_are_refused_before_loading_only_for_this_kernel(embedded_model_dir):

@@ -23,8 +23,10 @@ case "$1" in
     sweep $one method=fp16 bench.disk_size=false ;;
   1b-gptq-int4) # 1B shape: GPTQ 4-bit on tinygemm
     sweep $one method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 ;;
-  quality-ar) # the embedded model: AutoRound (50 tuning steps) at 4/3/2/8 bits, g32 (its groups must divide 576)
-    sweep method=autoround bits=4,3,2,8 group_size=32 method.iters=50 bench=none -m ;;
+  quality-ar) # the embedded model: AutoRound at 4/3/2/8 bits, g32 (its groups must divide 576), GPTQ export
+    # reloaded on kernels that need no compile (kernel=auto would pick Marlin: ~4 min to build per machine)
+    sweep method=autoround bits=4 group_size=32 method.export_format=auto_gptq $int4 bench=none
+    sweep method=autoround bits=3,2,8 group_size=32 method.export_format=auto_gptq method.kernel=gptq_torch bench=none -m ;;
   8b-gptq-int4) # GPTQ 4-bit on the 8B shape, packed onto tinygemm: quantization time, memory, decode speed
     sweep $big method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
   8b-bnb)    # bitsandbytes nf4 on the 8B shape

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from sweep.backends import available
+from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
+from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS
 from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
-from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
 from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
 from sweep.methods.rtn import planned_layers
 
 EXPORT_FORMATS = tuple(PACKED_BITS)
-KERNELS = ("auto", TINYGEMM)
+KERNELS = ("auto",) + tuple(GPTQ_KERNEL_BITS)
 
 
 @dataclass
@@ -26,8 +27,9 @@ class AutoRoundOptions:
     lr: Optional[float] = None     # null: auto-round's default (1/iters)
     batch_size: int = 8
     export_format: str = "auto_round"   # auto_round | auto_gptq | auto_awq
-    # auto: the kernel transformers/auto-round pick for the export; tinygemm_int4 (4-bit auto_gptq
-    # exports): PyTorch's int4 matmul, loaded through GPTQModel (sweep/backends/tinygemm.py).
+    # auto: the kernel transformers/auto-round pick for the export (with GPTQModel installed, Marlin:
+    # a ~4 min compile per machine). A GPTQ kernel name (auto_gptq exports): loaded through GPTQModel
+    # on that kernel, e.g. tinygemm_int4 (sweep/backends/tinygemm.py) or gptq_torch (any bits).
     kernel: str = "auto"
 
 
@@ -51,17 +53,19 @@ class AutoRoundMethod(QuantMethod):
                           f"formats are {', '.join(EXPORT_FORMATS)}")
         if options.kernel not in KERNELS:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
-        elif options.kernel == TINYGEMM:
+        elif options.kernel != "auto":
+            kernel = options.kernel
             if options.export_format != "auto_gptq":
-                errors.append(f"method.kernel={TINYGEMM!r} needs method.export_format='auto_gptq', "
+                errors.append(f"method.kernel={kernel!r} needs method.export_format='auto_gptq', "
                               f"not {options.export_format!r}")
-            if cfg.bits != 4:
-                errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={TINYGEMM!r}: it runs 4-bit only")
-            if cfg.group_size not in TINYGEMM_GROUP_SIZES:
-                errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={TINYGEMM!r}: "
+            if cfg.bits not in GPTQ_KERNEL_BITS[kernel]:
+                errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={kernel!r}: it runs bits "
+                              f"{', '.join(map(str, GPTQ_KERNEL_BITS[kernel]))}")
+            if kernel == TINYGEMM and cfg.group_size not in TINYGEMM_GROUP_SIZES:
+                errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={kernel!r}: "
                               f"allowed are {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
             if not available("gptqmodel"):
-                errors.append(f"method.kernel={TINYGEMM!r} loads the export through GPTQModel, which is not "
+                errors.append(f"method.kernel={kernel!r} loads the export through GPTQModel, which is not "
                               "installed: pip install 'gptqmodel>=7.6'")
         if not available("auto_round"):
             errors.append("method=autoround needs auto-round, which is not installed: pip install 'auto-round>=0.16'")
