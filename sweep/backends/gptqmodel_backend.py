@@ -22,8 +22,8 @@ from sweep.backends.checkpoint import (
     save_for_backend,
     scratch_dir,
 )
-from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
+from sweep.backends.tinygemm import fits as tinygemm_fits
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ def gptq_kernel_for(bits: int, kernel: str, group_size: int = 128, desc_act: boo
     if bits == 4 and tinygemm_fits(group_size, desc_act, in_features):
         return TINYGEMM
     return DEFAULT_GPTQ_KERNEL[bits]
-
-
-def tinygemm_fits(group_size: int, desc_act: bool, in_features) -> bool:
-    return (not desc_act and group_size in TINYGEMM_GROUP_SIZES and bool(in_features)
-            and all(n % group_size == 0 and n % 32 == 0 for n in in_features))
 
 
 def calibration_records(samples: List[torch.Tensor]) -> List[Dict[str, List[int]]]:

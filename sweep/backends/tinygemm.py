@@ -30,7 +30,8 @@ class TinyGemmError(ValueError):
     pass
 
 
-def shape_errors(in_features: int, out_features: int, group_size: int) -> List[str]:
+def shape_errors(in_features: int, group_size: int, out_features: int | None = None) -> List[str]:
+    """What keeps a layer of this shape off the kernel (out_features None: the input side only)."""
     errors = []
     if group_size not in GROUP_SIZES:
         errors.append(f"group_size {group_size} (allowed: {', '.join(map(str, GROUP_SIZES))})")
@@ -38,9 +39,22 @@ def shape_errors(in_features: int, out_features: int, group_size: int) -> List[s
         errors.append(f"in_features {in_features} not divisible by group_size {group_size}")
     if in_features % 32:
         errors.append(f"in_features {in_features} not divisible by 32")
-    if out_features % 8:
+    if out_features is not None and out_features % 8:
         errors.append(f"out_features {out_features} not divisible by 8")
     return errors
+
+
+def fits(group_size: int, desc_act: bool, in_features) -> bool:
+    """Whether every linear with these in_features can run on the kernel (act-order never can)."""
+    return not desc_act and bool(in_features) and not any(shape_errors(n, group_size) for n in in_features)
+
+
+def group_size_option_errors(group_size: int) -> List[str]:
+    """The config error for a group size the kernel has no layout for (checked before any load)."""
+    if group_size in GROUP_SIZES:
+        return []
+    return [f"group_size={group_size!r} is not allowed with method.kernel={KERNEL!r}: "
+            f"allowed are {', '.join(map(str, GROUP_SIZES))}"]
 
 
 def _inner_k_tiles(in_features: int) -> int:
@@ -56,7 +70,7 @@ class TinyGemmInt4Linear(nn.Module):
         """codes: [out, in] integers 0..15; scales, zeros: [in // group_size, out] (zeros as integer codes)."""
         super().__init__()
         out_features, in_features = codes.shape
-        problems = shape_errors(in_features, out_features, group_size)
+        problems = shape_errors(in_features, group_size, out_features)
         if problems:
             raise TinyGemmError(f"{KERNEL} cannot run this layer: {'; '.join(problems)}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size

@@ -11,8 +11,8 @@ the weights' memory traffic allows. transformers skips that compile for models l
 quantizer it does not mark compileable (GPTQ, AWQ, auto-round, bitsandbytes), whatever kernel runs
 them; static mode lifts that gate for its duration (`_compile_gate_lifted`) and records whether
 the decode step was compiled and how many graph breaks the kernels caused, so a kernel that does
-not compile shows as such instead of as a quietly uncompiled number. At batch b every step yields b tokens: tokens_per_s counts
-all of them, itl_ms is the time per step.
+not compile shows as such instead of as a quietly uncompiled number. At batch b every step yields
+b tokens: tokens_per_s counts all of them, itl_ms is the time per step.
 """
 from __future__ import annotations
 

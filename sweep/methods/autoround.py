@@ -12,8 +12,8 @@ from typing import List, Optional
 from sweep.backends import available
 from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS
-from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
+from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
 from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
 from sweep.methods.rtn import planned_layers
 
@@ -61,9 +61,8 @@ class AutoRoundMethod(QuantMethod):
             if cfg.bits not in GPTQ_KERNEL_BITS[kernel]:
                 errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={kernel!r}: it runs bits "
                               f"{', '.join(map(str, GPTQ_KERNEL_BITS[kernel]))}")
-            if kernel == TINYGEMM and cfg.group_size not in TINYGEMM_GROUP_SIZES:
-                errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={kernel!r}: "
-                              f"allowed are {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
+            if kernel == TINYGEMM:
+                errors += tinygemm_group_size_errors(cfg.group_size)
             if not available("gptqmodel"):
                 errors.append(f"method.kernel={kernel!r} loads the export through GPTQModel, which is not "
                               "installed: pip install 'gptqmodel>=7.6'")

@@ -20,8 +20,8 @@ import torch
 
 from sweep.backends import available, cuda_backend_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
-from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
+from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
 from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record, planned_layers
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
@@ -68,9 +68,7 @@ class GPTQ(QuantMethod):
             errors.append(f"method.kernel={options.kernel!r} cannot run bits={cfg.bits}: it packs bits "
                           f"{', '.join(map(str, GPTQ_KERNEL_BITS[options.kernel]))}")
         if options.kernel == TINYGEMM:
-            if cfg.group_size not in TINYGEMM_GROUP_SIZES:
-                errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={TINYGEMM!r}: "
-                              f"allowed are {', '.join(map(str, TINYGEMM_GROUP_SIZES))}")
+            errors += tinygemm_group_size_errors(cfg.group_size)
             if cfg.desc_act:
                 errors.append(f"desc_act=true is not allowed with method.kernel={TINYGEMM!r}: its groups must be "
                               "contiguous columns; use desc_act=false or another kernel")
@@ -113,10 +111,9 @@ class GPTQ(QuantMethod):
 
     def _quantize_gptqmodel(self, model, calibration, device, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options
-        linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)
-        kernel = gptq_kernel_for(cfg.bits, opts.kernel, cfg.group_size, cfg.desc_act,
-                                 [m.in_features for m in linears.values()])
         layers = planned_layers(model, cfg.bits, cfg.group_size, include_lm_head=cfg.quantize_lm_head)
+        kernel = gptq_kernel_for(cfg.bits, opts.kernel, cfg.group_size, cfg.desc_act,
+                                 [record["in_features"] for record in layers.values()])
         progress.say(f"GPTQModel: {len(layers)} linears, kernel {kernel}")
         out = quantize_and_reload(
             model, self.tokenizer, calibration, self.workdir, device,
