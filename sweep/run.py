@@ -178,6 +178,7 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
     metrics["quant.layers"] = float(report.num_layers)
 
     metrics["memory.weights_mb"] = memory.weight_footprint_mb(model)
+    metrics["memory.decode_read_mb"] = memory.decode_read_mb(model)
     if report.weights == PACKED:
         # The packed model is in memory: its footprint is measured, not estimated.
         metrics["memory.packed_weights_mb"] = metrics["memory.weights_mb"]
@@ -205,7 +206,7 @@ def _measure_quantized(cfg, device, tracker, run_id, progress, peaks, metrics, m
             if device.startswith("cuda") and "tokens_per_s" in mode_metrics:
                 # Decode at batch b streams every weight once per step: bytes x steps/s vs the device bandwidth.
                 metrics[prefix + "bandwidth_fraction"] = bandwidth_fraction(
-                    metrics["memory.weights_mb"], mode_metrics["tokens_per_s"] / cfg.bench.batch_size)
+                    metrics["memory.decode_read_mb"], mode_metrics["tokens_per_s"] / cfg.bench.batch_size)
         if device.startswith("cuda"):
             metrics["device.bandwidth_gbps"] = device_bandwidth_gbps()
         latency = latencies.get("eager") or next(iter(latencies.values()))

@@ -47,8 +47,11 @@ def test_gptqmodel_backend_errors_on_cpu_and_bad_kernel():
     assert "method.kernel='nope'" in errors_of("method=gptq", "method.kernel=nope")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("auto_round") is not None, reason="auto-round is installed here")
-def test_autoround_without_the_library_says_what_to_install():
+def test_autoround_without_the_library_says_what_to_install(monkeypatch):
+    # auto-round is a test dependency: hide it (fault injection) to see the error a user without it gets.
+    import sweep.methods.autoround as autoround
+
+    monkeypatch.setattr(autoround, "available", lambda module: module != "auto_round")
     assert "pip install 'auto-round" in errors_of("method=autoround")
 
 
@@ -169,3 +172,21 @@ def test_layer_bits_of_a_random_shape_are_not_checked_against_the_tokenizer_mode
     cfg = make_config("model=llama-3.1-8b-shape", "method=rtn", "+method.layer_bits={layers.31.mlp.down_proj: 8}")
     assert cfg.method["layer_bits"] == {"layers.31.mlp.down_proj": 8}
     assert "layers.31" in errors_of("method=rtn", "+method.layer_bits={layers.31.mlp.down_proj: 8}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("auto_round") is None, reason="needs auto-round (pip install -e '.[test]')")
+def test_autoround_fake_export_of_a_float32_model_fails_instead_of_reporting_unquantized_quality(tmp_path):
+    # 5 bits have no packed auto-round format, so the export is auto-round's "fake" format, which on a
+    # float32 model (CPU) writes the original weights back. Found when the reloaded model scored exactly fp32.
+    from sweep import calibration
+    from sweep.models import load_model
+    from sweep.progress import Progress
+
+    cfg = make_config("model=smollm2-135m-4l", "method=autoround", "bits=5", "group_size=32", "method.iters=0",
+                      "calibration.nsamples=4", "calibration.seqlen=64")
+    model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
+    method = get_method("autoround")(cfg)
+    method.attach(tokenizer, str(tmp_path))
+    samples = calibration.build_samples(tokenizer, cfg.calibration)
+    with pytest.raises(RuntimeError, match="not quantized"):
+        method.quantize(model, samples, Progress("autoround", enabled=False))

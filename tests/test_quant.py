@@ -118,3 +118,19 @@ def test_gptq_handles_dead_inputs_and_raises_damping_when_needed():
     result = gptq_quantize(w, _hessian(x), 4, 32, damp_percent=1e-9)
     assert torch.isfinite(result.weight).all()
     assert torch.all(result.weight[:, 5] == 0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_read_bytes_leave_out_an_untied_input_embedding(tied):
+    # The bandwidth fraction divides these bytes by the step time: a decode step reads one row of
+    # the input embedding, but the whole table when it doubles as the output head.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sweep.measure.memory import MB, decode_read_mb, weight_footprint_mb
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config)
+    table_mb = 1000 * 64 * 4 / MB
+    expected = weight_footprint_mb(model) - (0 if tied else table_mb)
+    assert decode_read_mb(model) == pytest.approx(expected)

@@ -45,6 +45,8 @@ def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
                     "latency.ttft_ms_p50", "latency.tokens_per_s", "latency.itl_ms_p50", "time.quantize_s"):
             assert key in m, (run.data.tags["method"], key)
         assert m["wikitext.word_perplexity"] > 1 and 0 <= m["lambada.acc"] <= 1
+        # SmolLM2 ties its embedding to the head, which every decode step reads whole.
+        assert m["memory.decode_read_mb"] == pytest.approx(m["memory.weights_mb"])
         tags = run.data.tags
         for key in ("backend", "weights", "device", "git.sha", "version.torch", "version.lm_eval", "calibration",
                     "dtype", "sweep.config_hash"):

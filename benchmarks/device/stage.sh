@@ -29,6 +29,10 @@ case "$1" in
     sweep method=autoround bits=3,2,8 group_size=32 method.export_format=auto_gptq method.kernel=gptq_torch bench=none -m ;;
   8b-gptq-int4) # GPTQ 4-bit on the 8B shape, packed onto tinygemm: quantization time, memory, decode speed
     sweep $big method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
+  8b-gptq-marlin) # GPTQ 4-bit on the 8B shape on GPTQModel's Marlin kernel (its CUDA code builds ~4 min first)
+    sweep $big method=gptq bits=4 group_size=128 method.kernel=gptq_marlin calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
+  quality-ar-28) # the embedded model: AutoRound at 2 and 8 bits, g32, GPTQ export on the pure-torch kernel
+    sweep method=autoround bits=2,8 group_size=32 method.export_format=auto_gptq method.kernel=gptq_torch bench=none -m ;;
   8b-bnb)    # bitsandbytes nf4 on the 8B shape
     sweep $big method=bnb bits=4 bench.repeats=1 ;;
   8b-ar-int4) # AutoRound 4-bit (RTN mode), GPTQ export on tinygemm, on the 8B shape
@@ -39,6 +43,8 @@ case "$1" in
   quality-int4) # the embedded model: GPTQ and AutoRound 4-bit on tinygemm (its groups must divide 576: 32, 64)
     sweep method=gptq bits=4 group_size=32,64 $int4 bench=none -m
     sweep method=autoround bits=4 group_size=32 method.export_format=auto_gptq $int4 bench=none ;;
+  1b-fp16)   # the fp16 reference on the 1B shape
+    sweep $one method=fp16 bench.disk_size=false ;;
   8b-fp16)   # the fp16 reference on the 8B shape: memory and decode speed
     sweep $big method=fp16 bench.disk_size=false ;;
   8b-gptq)   # GPTQ 4-bit through GPTQModel on the 8B shape: quantization time, packed memory, decode speed

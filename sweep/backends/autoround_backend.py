@@ -35,6 +35,27 @@ def _checkpoint_dir(out_dir: str) -> str:
     return str(found[0].parent)
 
 
+def _first_linear_weight(model):
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            return name, module.weight.detach().to("cpu", copy=True)
+    return None, None
+
+
+def _check_fake_export_is_quantized(reloaded, name, original) -> None:
+    """auto-round 0.16.1's fake export of a float32 model writes the original float32 weights back
+    ("Restored ... to their original FP32 values"), so the reloaded model is not quantized at all.
+    Fail loudly instead of reporting fp32 quality as quantized."""
+    if name is None:
+        return
+    weight = reloaded.get_submodule(name).weight.detach().to("cpu")
+    if torch.equal(weight, original.to(weight.dtype)):
+        raise RuntimeError(
+            f"auto-round's fake export kept {name}'s original weights: the reloaded model is not quantized "
+            f"(auto-round restores float32 tensors on save). Use bits its export format packs "
+            f"({PACKED_BITS}) or a float16 model (model.dtype=float16)")
+
+
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
                         export_format: str, kernel: str = "auto") -> Dict[str, Any]:
     require("auto_round")
@@ -43,6 +64,7 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
 
     packed = kwargs["bits"] in PACKED_BITS.get(export_format, ())
     fmt = export_format if packed else "fake"
+    probe_name, probe = _first_linear_weight(model)
     start = time.perf_counter()
     rounder = AutoRound(model, tokenizer=tokenizer, dataset=calibration_texts(tokenizer, samples),
                         device_map=device if device != "cuda" else 0, **kwargs)
@@ -62,5 +84,7 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
         drop_single_device_hooks(reloaded)
         reloaded.eval()
+    if not packed:
+        _check_fake_export_is_quantized(reloaded, probe_name, probe)
     return {"model": reloaded, "saved_dir": out_dir, "format": fmt, "packed": packed,
             "kernel_classes": kernel_classes(reloaded), "seconds": seconds}

@@ -32,7 +32,8 @@ GPTQ_KERNEL_BITS = {
     "gptq_triton": (2, 4, 8),
     "gptq_torch": (2, 3, 4, 8),
     "gptq_exllama_v2": (4,),
-    "gptq_marlin": (4, 8),      # built for batch-1 decode; its CUDA code compiles on first use (~4 min)
+    "gptq_marlin": (4, 8),      # built for batch-1 decode; its CUDA code compiles on first use (~4 min);
+                                # its compiled decode broke 54 times on an H100 (docs/benchmarks.md)
     TINYGEMM: (4,),             # PyTorch's own int4 matmul (sweep/backends/tinygemm.py), loaded via gptq_torch
 }
 AWQ_KERNEL_BITS = {"awq_gemm_triton": (4,), "awq_torch": (4,), "awq_gemm": (4,), "awq_marlin": (4,)}

@@ -51,9 +51,10 @@ def device_bandwidth_gbps(device_index: int = 0) -> float:
     return _BANDWIDTH_GBPS[device_index]
 
 
-def bandwidth_fraction(weights_mb: float, steps_per_s: float) -> float:
-    """Fraction of the memory-bandwidth bound reached by decode: weight bytes x steps/s / bandwidth."""
-    return weights_mb * 1024 * 1024 * steps_per_s / (device_bandwidth_gbps() * 1e9)
+def bandwidth_fraction(read_mb: float, steps_per_s: float) -> float:
+    """Fraction of the memory-bandwidth bound reached by decode: weight bytes read per step
+    (`memory.decode_read_mb`) x steps/s / bandwidth."""
+    return read_mb * 1024 * 1024 * steps_per_s / (device_bandwidth_gbps() * 1e9)
 
 
 class _TokenClock(BaseStreamer):

@@ -22,6 +22,18 @@ def weight_footprint_mb(model: torch.nn.Module) -> float:
     return model.get_memory_footprint() / MB
 
 
+def decode_read_mb(model: torch.nn.Module) -> float:
+    """Weight bytes one decode step streams from memory: the footprint less the input embedding
+    table, of which a step reads only its tokens' rows, unless that table is also the (tied)
+    output head, which every step reads whole."""
+    footprint = model.get_memory_footprint()
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = getattr(embeddings, "weight", None)
+    if table is None or (head is not None and getattr(head, "weight", None) is table):
+        return footprint / MB
+    return (footprint - table.numel() * table.element_size()) / MB
+
+
 def packed_weights_mb(model: torch.nn.Module, quantized: Dict[str, dict], sym: bool) -> float:
     """Size of the weights in a packed low-bit format: quantized linears at their bits plus
     per-group scales/zeros, every other tensor at its current dtype. Computed, not measured,

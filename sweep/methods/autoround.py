@@ -83,8 +83,8 @@ class AutoRoundMethod(QuantMethod):
         out = quantize_and_reload(model, self.tokenizer, calibration, self.workdir, device, kwargs, opts.export_format,
                                   kernel=opts.kernel)
         report = QuantReport(backend="auto-round", weights=PACKED if out["packed"] else SIMULATED,
-                             kernel=f"{out['format'] if opts.kernel == 'auto' else opts.kernel} "
-                                    f"({', '.join(out['kernel_classes']) or 'torch linear'})",
+                             kernel=(f"{out['format'] if opts.kernel == 'auto' else opts.kernel} "
+                                     f"({', '.join(out['kernel_classes']) or 'torch linear'})") if out["packed"] else "none",
                              layers=layers, model=out["model"], saved_dir=out["saved_dir"])
         if not out["packed"]:
             report.notes.append(f"{opts.export_format} packs bits {PACKED_BITS[opts.export_format]}, not {cfg.bits}: "
