@@ -193,3 +193,19 @@ def test_nonfinite_metrics_get_a_status_tag_not_a_number(tmp_path, monkeypatch, 
     assert run.data.tags["status.nonfinite_metrics"] == "lambada.perplexity,wikitext.word_perplexity"
     assert "wikitext.word_perplexity" not in run.data.metrics and "lambada.perplexity" not in run.data.metrics
     assert run.data.metrics["lambada.acc"] == 0.5
+
+
+def test_task_folder_is_never_rewritten_in_place(tmp_path):
+    # Parallel grid points (hydra/launcher=gpus) share the lm-eval task folder while lm-eval scans it;
+    # a rewrite in place let one worker read an empty task YAML ("sweep_lambada is not a registered task").
+    from sweep.tasks import TASK_DIR, write_task_dir
+
+    target = write_task_dir(tmp_path / "tasks")
+    files = sorted(p.name for p in TASK_DIR.glob("*.yaml")) + ["utils.py"]
+    before = {name: (target / name).stat().st_ino for name in files}
+    (target / "utils.py").write_text("# stale\n")           # a changed file is replaced whole (new inode)
+    write_task_dir(tmp_path / "tasks")
+    after = {name: (target / name).stat().st_ino for name in files}
+    assert {n for n in files if before[n] != after[n]} == {"utils.py"}
+    assert (target / "utils.py").read_text() == (TASK_DIR / "utils.py").read_text()
+    assert not list(target.glob(".*.tmp"))

@@ -7,6 +7,7 @@ or, from the shell, `lm_eval --include_path dir --tasks sweep_wikitext,sweep_lam
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,10 +34,19 @@ def write_task_dir(target: Path) -> Path:
                 lambda tmp: shutil.copyfile(data_file("lambada_openai.test.jsonl"), tmp),
                 {"from": CHECKSUMS["lambada_openai.test.jsonl"]})
     for yaml_file in TASK_DIR.glob("*.yaml"):
-        text = yaml_file.read_text().replace("__DATA__", str(data_dir))
-        (target / yaml_file.name).write_text(text)
-    shutil.copyfile(TASK_DIR / "utils.py", target / "utils.py")
+        _write_atomically(target / yaml_file.name, yaml_file.read_text().replace("__DATA__", str(data_dir)))
+    _write_atomically(target / "utils.py", (TASK_DIR / "utils.py").read_text())
     return target
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Parallel grid points (joblib, submitit) share this folder while lm-eval scans it: a file is
+    never rewritten in place (a reader could see it empty), only replaced whole when it changed."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
