@@ -15,6 +15,7 @@ import torch
 
 from sweep.backends import require
 from sweep.backends.checkpoint import drop_single_device_hooks, free_accelerator_memory, kernel_classes, scratch_dir
+from sweep.quant.layers import quantizable_linears
 
 SEQLEN_MARGIN = 8
 PACKED_BITS = {"auto_round": (2, 3, 4, 8), "auto_gptq": (2, 3, 4, 8), "auto_awq": (4,)}
@@ -36,24 +37,21 @@ def _checkpoint_dir(out_dir: str) -> str:
 
 
 def _first_linear_weight(model):
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
-            return name, module.weight.detach().to("cpu", copy=True)
-    return None, None
+    """One decoder linear's name and a CPU copy of its weight, to compare a fake export against."""
+    name, linear = next(iter(quantizable_linears(model).items()))
+    return name, linear.weight.detach().to("cpu", copy=True)
 
 
 def _check_fake_export_is_quantized(reloaded, name, original) -> None:
     """auto-round 0.16.1's fake export of a float32 model writes the original float32 weights back
     ("Restored ... to their original FP32 values"), so the reloaded model is not quantized at all.
     Fail loudly instead of reporting fp32 quality as quantized."""
-    if name is None:
-        return
     weight = reloaded.get_submodule(name).weight.detach().to("cpu")
     if torch.equal(weight, original.to(weight.dtype)):
         raise RuntimeError(
             f"auto-round's fake export kept {name}'s original weights: the reloaded model is not quantized "
             f"(auto-round restores float32 tensors on save). Use bits its export format packs "
-            f"({PACKED_BITS}) or a float16 model (model.dtype=float16)")
+            f"({PACKED_BITS}) or a float16 model on a GPU")
 
 
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
@@ -64,7 +62,8 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
 
     packed = kwargs["bits"] in PACKED_BITS.get(export_format, ())
     fmt = export_format if packed else "fake"
-    probe_name, probe = _first_linear_weight(model)
+    # Only a fake export needs the check; taken before auto-round tunes the model in place.
+    probe_name, probe = (None, None) if packed else _first_linear_weight(model)
     start = time.perf_counter()
     rounder = AutoRound(model, tokenizer=tokenizer, dataset=calibration_texts(tokenizer, samples),
                         device_map=device if device != "cuda" else 0, **kwargs)
