@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EVAL_TASKS = ("wikitext", "lambada")
 MODEL_INITS = ("pretrained", "random")
-BENCH_MODES = ("eager", "static", "both")
+BENCH_MODES = ("eager", "static", "graph", "both", "all")
 
 
 class ConfigError(ValueError):
@@ -87,7 +87,9 @@ class BenchConfig:
     batch_size: int = 1
     # "eager": generate() as users call it. "static": static KV cache + torch.compile/CUDA graphs,
     # which removes the Python/launch overhead that makes eager decode host-bound on fast GPUs.
-    # "both" measures both (metrics latency.* and latency.static.*).
+    # "graph": the decode loop of a serving engine (compiled step replayed as a CUDA graph, the next
+    # token chosen on the device, no host sync per step): what the weights and kernels cost.
+    # "both" = eager + static (metrics latency.* and latency.static.*); "all" adds graph (latency.graph.*).
     mode: str = "eager"
 
 

@@ -49,6 +49,8 @@ COLUMNS: Dict[str, tuple] = {
     "kernel": ("tag", "kernel"),
     "static_tokens_per_s": ("metric", "latency.static.tokens_per_s"),
     "static_bandwidth_fraction": ("metric", "latency.static.bandwidth_fraction"),
+    "graph_tokens_per_s": ("metric", "latency.graph.tokens_per_s"),
+    "graph_bandwidth_fraction": ("metric", "latency.graph.bandwidth_fraction"),
     "model_init": ("tag", "model.init"),
 }
 QUALITY_COLUMNS = ["wikitext_word_ppl", "wikitext_byte_ppl", "wikitext_bits_per_byte", "lambada_ppl", "lambada_acc"]

@@ -206,3 +206,100 @@ def test_single_device_dispatch_hooks_are_removed_so_the_decode_compiles_in_one_
         assert decode_step_graph_breaks() == 0
         assert torch.equal(model(torch.tensor([[1, 2, 3]])).logits, before)
     assert drop_single_device_hooks(model) == 0  # nothing left to remove
+
+
+# --- fused projections (sweep/backends/tinygemm_fusion.py) ---------------------------------------
+
+def tiny_llama_on_tinygemm(seed=0):
+    """A 2-layer Llama whose decoder linears all run on tinygemm (random 4-bit codes, group 32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    model = LlamaForCausalLM(config).eval()
+    seeds = iter(range(seed * 1000, seed * 1000 + 1000))  # every layer different (gate vs up, k vs v)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if isinstance(linear, nn.Linear):
+                    n, k = linear.weight.shape
+                    codes, scales, zeros, _ = random_layer(out_features=n, in_features=k, seed=next(seeds))
+                    setattr(parent, name, TinyGemmInt4Linear(codes, scales.half(), zeros, 32))
+    return model
+
+
+def test_concatenated_layer_computes_its_parts_side_by_side():
+    parts = []
+    for seed, (n, bias) in enumerate([(128, None), (64, torch.randn(64)), (64, None)]):
+        codes, scales, zeros, _ = random_layer(out_features=n, in_features=128, seed=seed)
+        parts.append(TinyGemmInt4Linear(codes, scales.half(), zeros, 32, bias=bias))
+    fused = TinyGemmInt4Linear.concatenate(parts)
+    x = torch.randn(3, 128)
+    assert fused.out_features == 256
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    codes, scales, zeros, _ = random_layer(out_features=64, in_features=576)
+    with pytest.raises(TinyGemmError, match="same input size"):
+        TinyGemmInt4Linear.concatenate([parts[0], TinyGemmInt4Linear(codes, scales.half(), zeros, 32)])
+    # the CPU layout pairs rows n and n + 32 within blocks of 64: a 32-row layer cannot be joined
+    codes, scales, zeros, _ = random_layer(out_features=32, in_features=128)
+    with pytest.raises(TinyGemmError, match="64-row blocks"):
+        TinyGemmInt4Linear.concatenate([parts[0], TinyGemmInt4Linear(codes, scales.half(), zeros, 32)])
+
+
+def test_fused_projections_keep_the_logits_and_decode_in_one_graph():
+    from transformers import StaticCache
+
+    from sweep.backends.checkpoint import kernel_classes
+    from sweep.backends.tinygemm_fusion import FusedGatedMLP, FusedQKVProjection, QKVSlot, fuse_projections
+
+    model = tiny_llama_on_tinygemm()
+    ids = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.no_grad():
+        before = model(ids).logits
+        assert fuse_projections(model) == {"qkv": 2, "gate_up": 2}
+        after = model(ids).logits
+        attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert isinstance(attention.q_proj, FusedQKVProjection) and isinstance(attention.k_proj, QKVSlot)
+        assert attention.q_proj.qkv_proj.out_features == 128 + 64 + 64 and isinstance(mlp, FusedGatedMLP)
+        assert torch.equal(after, before)
+        assert {"FusedGatedMLP", "FusedQKVProjection", "TinyGemmInt4Linear"} <= set(kernel_classes(model))
+        # no activation is held between layers once k and v took their slices
+        assert attention.k_proj.slices.source is None and attention.k_proj.slices.key is None
+        # the compiled decode step sees one graph: the slices are plain attributes, not graph breaks
+        torch._dynamo.reset()
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        model(ids, past_key_values=cache, cache_position=torch.arange(5))
+        step = dict(input_ids=torch.tensor([[3]]), past_key_values=cache, cache_position=torch.tensor([5]))
+        assert torch._dynamo.explain(model)(**step).graph_break_count == 0
+    assert fuse_projections(model) == {"qkv": 0, "gate_up": 0}  # nothing left to fuse
+
+
+def test_fusion_only_where_asked_and_a_wrong_fusion_fails_loudly():
+    from sweep.backends.tinygemm_fusion import FusedGatedMLP, fuse_projections
+
+    model = tiny_llama_on_tinygemm()
+    assert fuse_projections(model, qkv=False) == {"qkv": 0, "gate_up": 2}
+    assert isinstance(model.model.layers[1].mlp, FusedGatedMLP)
+    assert isinstance(model.model.layers[1].self_attn.k_proj, TinyGemmInt4Linear)
+
+    def swapped(layers):  # a fusion that gets the order of its parts wrong
+        return TinyGemmInt4Linear.concatenate(layers[::-1] if len(layers) == 2 else layers)
+
+    model = tiny_llama_on_tinygemm()
+    with pytest.raises(TinyGemmError, match="method.fuse_projections=false"):
+        fuse_projections(model, concatenate=swapped)
+
+
+def test_a_key_slot_called_out_of_order_says_why():
+    from sweep.backends.tinygemm_fusion import fuse_projections
+
+    model = tiny_llama_on_tinygemm()
+    fuse_projections(model)
+    with pytest.raises(RuntimeError, match="q_proj did not see"):
+        model.model.layers[0].self_attn.k_proj(torch.randn(1, 128))
+
+
+def test_fuse_projections_is_an_option_of_gptq_and_autoround():
+    assert make_config("method=gptq").method["fuse_projections"] is True
+    assert make_config("method=autoround", "method.fuse_projections=false").method["fuse_projections"] is False

@@ -16,7 +16,7 @@ one="$tok model=llama-3.2-1b-shape eval=none bench=gpu bench.repeats=1"
 int4="method.kernel=tinygemm_int4"
 case "$1" in
   int4-check) # the tinygemm int4 kernel vs fp16 on the 8B linear shapes (CUDA graphs), before any long run
-    python3 benchmarks/device/int4_check.py ;;
+    python3 benchmarks/device/decode_profile.py --microbench --variants "" ;;
   1b-int4)   # 1B shape: GPTQ and AutoRound (RTN mode, GPTQ export) 4-bit on tinygemm; fp16 reference
     sweep $one method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512
     sweep $one method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512
@@ -29,6 +29,18 @@ case "$1" in
     sweep method=autoround bits=3,2,8 group_size=32 method.export_format=auto_gptq method.kernel=gptq_torch bench=none -m ;;
   8b-gptq-int4) # GPTQ 4-bit on the 8B shape, packed onto tinygemm: quantization time, memory, decode speed
     sweep $big method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
+  8b-gptq-fused) # GPTQ 4-bit on the 8B shape on tinygemm with q/k/v and gate/up fused (the default), all latency modes
+    sweep $big method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.mode=all bench.repeats=1 ;;
+  8b-gptq-head) # the same with the lm_head quantized too (every linear 4-bit), graph and static latency only
+    sweep $big method=gptq bits=4 group_size=128 $int4 quantize_lm_head=true calibration.nsamples=128 calibration.seqlen=512 bench.mode=all bench.repeats=1 ;;
+  8b-fp16-all) # the fp16 reference on the 8B shape in all latency modes (eager, static, graph)
+    sweep $big method=fp16 bench.disk_size=false bench.mode=all bench.repeats=1 ;;
+  8b-bf16-graph) # the 8B shape in bfloat16 (Llama-3.1's own dtype; tinygemm computes in it): fp16-free pair, graph loop only
+    sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
+  8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused
+    sweep $big model.dtype=bfloat16 method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 method.fuse_projections=false calibration.nsamples=128 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-gptq-marlin) # GPTQ 4-bit on the 8B shape on GPTQModel's Marlin kernel (its CUDA code builds ~4 min first)
     sweep $big method=gptq bits=4 group_size=128 method.kernel=gptq_marlin calibration.nsamples=128 calibration.seqlen=512 bench.repeats=1 ;;
   quality-ar-28) # the embedded model: AutoRound at 2 and 8 bits, g32, GPTQ export on the pure-torch kernel

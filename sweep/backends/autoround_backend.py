@@ -55,7 +55,7 @@ def _check_fake_export_is_quantized(reloaded, name, original) -> None:
 
 
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
-                        export_format: str, kernel: str = "auto") -> Dict[str, Any]:
+                        export_format: str, kernel: str = "auto", fuse: bool = False) -> Dict[str, Any]:
     require("auto_round")
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM
@@ -78,7 +78,7 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
         # A GPTQ-format export runs on any GPTQ kernel (method.kernel), loaded through GPTQModel.
         from sweep.backends.gptqmodel_backend import load_packed
 
-        reloaded = load_packed(out_dir, device, kernel)
+        reloaded = load_packed(out_dir, device, kernel, fuse=fuse)
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
         drop_single_device_hooks(reloaded)

@@ -18,12 +18,15 @@ def save_for_backend(model: torch.nn.Module, tokenizer, directory: str) -> str:
 
 def kernel_classes(model: torch.nn.Module,
                    packages=("gptqmodel", "auto_round", "auto_round_extension", "bitsandbytes", "sweep")) -> List[str]:
-    """Class names of the modules that run packed weights (the low-bit kernels in use)."""
+    """Class names of the modules that run packed weights (the low-bit kernels in use), and of sweep's
+    wrappers that fuse several of them into one matmul (FusedQKVProjection, FusedGatedMLP)."""
     names = set()
     for module in model.modules():
         cls = type(module)
         root = cls.__module__.split(".")[0]
-        if root in packages or "Linear4bit" in cls.__name__ or "Linear8bit" in cls.__name__:
+        if root == "sweep" and cls.__name__.startswith("Fused"):
+            names.add(cls.__name__)
+        elif root in packages or "Linear4bit" in cls.__name__ or "Linear8bit" in cls.__name__:
             if any(isinstance(t, torch.Tensor) for t in module.buffers(recurse=False)) or \
                     any(True for _ in module.parameters(recurse=False)):
                 names.add(cls.__name__ if root != "auto_round_extension" else cls.__module__.split(".", 1)[1])

@@ -67,7 +67,7 @@ def calibration_records(samples: List[torch.Tensor]) -> List[Dict[str, List[int]
 
 
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, quant_kwargs: Dict[str, Any],
-                        kernel: str, batch_size: int = 4, progress=None) -> Dict[str, Any]:
+                        kernel: str, batch_size: int = 4, progress=None, fuse: bool = False) -> Dict[str, Any]:
     """Save `model`, quantize the checkpoint with GPTQModel, save packed, reload on `kernel`.
 
     Returns {"model", "saved_dir", "kernel", "kernel_classes", "seconds"}; the caller should drop
@@ -90,13 +90,16 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, qu
     seconds = time.perf_counter() - start
     del qmodel
     free_accelerator_memory()
-    hf_model = load_packed(packed_dir, device, kernel)
+    hf_model = load_packed(packed_dir, device, kernel, fuse=fuse)
     return {"model": hf_model, "saved_dir": packed_dir, "kernel": kernel,
             "kernel_classes": kernel_classes(hf_model), "seconds": seconds}
 
 
-def load_packed(packed_dir: str, device: str, kernel: str):
-    """A GPTQ-format checkpoint loaded for inference on `kernel` (the transformers model)."""
+def load_packed(packed_dir: str, device: str, kernel: str, fuse: bool = False):
+    """A GPTQ-format checkpoint loaded for inference on `kernel` (the transformers model).
+
+    fuse: on tinygemm_int4, run each attention's q/k/v and each MLP's gate/up as one matmul
+    (sweep/backends/tinygemm_fusion.py); other kernels ignore it."""
     require("gptqmodel")
     from gptqmodel import GPTQModel
 
@@ -107,6 +110,10 @@ def load_packed(packed_dir: str, device: str, kernel: str):
         # their buffers then move onto tinygemm, checked against GPTQModel's own dequantization.
         model = GPTQModel.load(packed_dir, device=device, backend="gptq_torch").model
         convert_model(model, check_with=lambda module: module.dequantize_weight())
+        if fuse:
+            from sweep.backends.tinygemm_fusion import fuse_projections
+
+            log.info("fused projections: %s", fuse_projections(model))
         free_accelerator_memory()
     else:
         model = GPTQModel.load(packed_dir, device=device, backend=kernel).model

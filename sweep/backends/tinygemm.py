@@ -87,6 +87,45 @@ class TinyGemmInt4Linear(nn.Module):
         self.register_buffer("scale_and_offset", scale_and_offset)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    def row_block(self) -> int:
+        """Output rows per block of the packed layout on this layer's device."""
+        return 8 if self.packed_weight.is_cuda else 64
+
+    def whole_row_blocks(self) -> bool:
+        return self.out_features % self.row_block() == 0
+
+    @classmethod
+    def concatenate(cls, layers: List["TinyGemmInt4Linear"]) -> "TinyGemmInt4Linear":
+        """One layer computing all of `layers` (same input) side by side: out = cat(outs, -1).
+
+        The packed weight holds whole blocks of output rows (8 on CUDA; 64 on CPU, whose layout pairs
+        row n with row n + 32), so layers whose out_features are whole blocks join along dim 0
+        without repacking; the scales and offsets join along the output dimension."""
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.in_features, layer.group_size) != (first.in_features, first.group_size) \
+                    or layer.packed_weight.shape[1:] != first.packed_weight.shape[1:]:
+                raise TinyGemmError(f"{KERNEL}: only layers with the same input size, group size and packing "
+                                    f"can be fused ({first.extra_repr()} vs {layer.extra_repr()})")
+        for layer in layers:
+            if not layer.whole_row_blocks():
+                raise TinyGemmError(f"{KERNEL}: out_features {layer.out_features} is not a whole number of the "
+                                    f"packed layout's {layer.row_block()}-row blocks, so this layer cannot be fused")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.group_size = first.in_features, first.group_size
+        fused.out_features = sum(layer.out_features for layer in layers)
+        fused.register_buffer("packed_weight", torch.cat([layer.packed_weight for layer in layers], dim=0))
+        fused.register_buffer("scale_and_offset", torch.cat([layer.scale_and_offset for layer in layers], dim=1))
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            like = next(layer.bias for layer in layers if layer.bias is not None)
+            bias = torch.cat([layer.bias if layer.bias is not None else
+                              torch.zeros(layer.out_features, dtype=like.dtype, device=like.device)
+                              for layer in layers])
+        fused.register_buffer("bias", bias)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.is_cuda:

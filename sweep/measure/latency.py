@@ -28,7 +28,8 @@ from transformers.generation.streamers import BaseStreamer
 from sweep.config import BenchConfig
 
 
-MODES = {"eager": ("eager",), "static": ("static",), "both": ("eager", "static")}
+MODES = {"eager": ("eager",), "static": ("static",), "graph": ("graph",), "both": ("eager", "static"),
+         "all": ("eager", "static", "graph")}
 _BANDWIDTH_GBPS: Dict[int, float] = {}
 
 
@@ -184,6 +185,16 @@ def _graph_breaks() -> int:
 
 @torch.no_grad()
 def _measure_mode(model, tokenizer, cfg: BenchConfig, mode: str, progress=None) -> LatencyResult:
+    if mode == "graph":
+        if next(model.parameters()).device.type == "cuda":
+            # A fresh compile cache per measurement: runs of one multirun process share dynamo's cache,
+            # and past its recompile limit dynamo would fall back to eager without a word.
+            torch._dynamo.reset()
+        breaks = _graph_breaks()
+        with _compile_gate_lifted(model):
+            result = _graph_decode_timed(model, tokenizer, cfg, progress)
+        result.graph_breaks = _graph_breaks() - breaks
+        return result
     if mode != "static":
         return _generate_timed(model, tokenizer, cfg, mode, progress)
     breaks = _graph_breaks()
@@ -232,4 +243,102 @@ def _generate_timed(model, tokenizer, cfg: BenchConfig, mode: str, progress=None
         if len(result.samples) < len(cfg.prompts):
             completion = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             result.samples.append({"prompt": cfg.prompts[index], "completion": completion})
+    return result
+
+
+def _eos_ids(model) -> List[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _graph_decode_timed(model, tokenizer, cfg: BenchConfig, progress=None) -> LatencyResult:
+    """Greedy decode as a serving engine runs it: static KV cache, the decode step compiled and
+    replayed as a CUDA graph (torch.compile mode reduce-overhead), the next token chosen on the
+    device and fed straight back, no host synchronisation between steps.
+
+    generate() synchronises with the host after every step (stopping criteria, streamer), so its
+    step time is the GPU's time plus Python's; this mode leaves only what the weights and kernels
+    cost. Same tokens as the other modes: EOS is suppressed until max_new_tokens, as generate()'s
+    min_new_tokens does. Step times come from CUDA events (no sync); on CPU the step runs eagerly.
+    """
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    encoded = [_encode(tokenizer, p, cfg.chat_template, device) for p in cfg.prompts]
+    batches = [_batch(encoded, i, cfg.batch_size, tokenizer.pad_token_id) for i in range(len(encoded))]
+    # One cache for every prompt (reset between them), so the step compiles once.
+    max_len = max(b["input_ids"].shape[1] for b in batches) + cfg.max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    mask = torch.ones(cfg.batch_size, max_len, dtype=torch.long, device=device)  # prompt pads zeroed per request
+    eos = torch.tensor(_eos_ids(model), dtype=torch.long, device=device)
+
+    def next_token(logits):
+        logits = logits[:, -1, :].float()
+        if eos.numel():
+            logits = logits.index_fill(-1, eos, float("-inf"))
+        return logits.argmax(-1, keepdim=True)
+
+    def decode_step(token, cache_position, position_ids):
+        logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, cache_position=cache_position,
+                       position_ids=position_ids, use_cache=True).logits
+        return next_token(logits)
+
+    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if cuda else decode_step
+
+    def request(enc):
+        ids = enc["input_ids"]
+        width = ids.shape[1]
+        prompt_mask = enc.get("attention_mask", torch.ones_like(ids))
+        cache.reset()
+        mask.fill_(1)
+        mask[:, :width] = prompt_mask
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        token = next_token(model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                 cache_position=torch.arange(width, device=device), position_ids=positions,
+                                 use_cache=True).logits)
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter()
+        tokens = [token]
+        cache_position = torch.tensor([width], device=device)
+        position_ids = positions[:, -1:] + 1
+        marks = []
+        for _ in range(cfg.max_new_tokens - 1):
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            token = step(token, cache_position, position_ids).clone()
+            tokens.append(token)
+            cache_position += 1
+            position_ids += 1
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            else:
+                marks.append(time.perf_counter())
+        if cuda:
+            torch.cuda.synchronize()
+            steps_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        else:
+            steps_ms = [(b - a) * 1000 for a, b in zip(marks, marks[1:])]
+        end = time.perf_counter()
+        return torch.cat(tokens, dim=1), (first - start) * 1000, steps_ms, (end - start) * 1000
+
+    for _ in range(max(cfg.warmup, 1)):  # compiles and records the graph; never timed
+        request(batches[0])
+    result = LatencyResult(batch_size=cfg.batch_size, compiled=cuda)
+    runs = [(i, enc) for _ in range(cfg.repeats) for i, enc in enumerate(batches)]
+    iterator = progress.track(runs, "latency (graph)", total=len(runs)) if progress else runs
+    for index, enc in iterator:
+        out, ttft_ms, steps_ms, request_ms = request(enc)
+        result.ttft_ms.append(ttft_ms)
+        result.itl_ms.extend(steps_ms)
+        result.request_ms.append(request_ms)
+        result.new_tokens.append(out.shape[1])
+        if len(result.samples) < len(cfg.prompts):
+            result.samples.append({"prompt": cfg.prompts[index],
+                                   "completion": tokenizer.decode(out[0], skip_special_tokens=True)})
     return result

@@ -31,6 +31,8 @@ class AutoRoundOptions:
     # a ~4 min compile per machine). A GPTQ kernel name (auto_gptq exports): loaded through GPTQModel
     # on that kernel, e.g. tinygemm_int4 (sweep/backends/tinygemm.py) or gptq_torch (any bits).
     kernel: str = "auto"
+    # With kernel=tinygemm_int4: q/k/v and gate/up as one int4 matmul each (see GPTQOptions).
+    fuse_projections: bool = True
 
 
 class AutoRoundMethod(QuantMethod):
@@ -81,7 +83,7 @@ class AutoRoundMethod(QuantMethod):
             kwargs["lr"] = opts.lr
         progress.say(f"auto-round: {len(layers)} linears, iters={opts.iters}, export {opts.export_format}")
         out = quantize_and_reload(model, self.tokenizer, calibration, self.workdir, device, kwargs, opts.export_format,
-                                  kernel=opts.kernel)
+                                  kernel=opts.kernel, fuse=opts.fuse_projections)
         report = QuantReport(backend="auto-round", weights=PACKED if out["packed"] else SIMULATED,
                              kernel=(f"{out['format'] if opts.kernel == 'auto' else opts.kernel} "
                                      f"({', '.join(out['kernel_classes']) or 'torch linear'})") if out["packed"] else "none",

@@ -48,6 +48,9 @@ class GPTQOptions(MixedPrecisionOptions):
     static_groups: bool = False
     # Calibration batch size for GPTQModel.
     batch_size: int = 4
+    # On tinygemm_int4: each attention's q/k/v and each MLP's gate/up as one int4 matmul (fewer,
+    # larger matmuls decode faster at batch 1; same outputs, checked at load).
+    fuse_projections: bool = True
 
 
 class GPTQ(QuantMethod):
@@ -120,7 +123,7 @@ class GPTQ(QuantMethod):
             dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
                  damp_percent=cfg.damp_percent, true_sequential=opts.true_sequential,
                  lm_head=cfg.quantize_lm_head),
-            kernel=kernel, batch_size=opts.batch_size, progress=progress)
+            kernel=kernel, batch_size=opts.batch_size, progress=progress, fuse=opts.fuse_projections)
         return QuantReport(backend="gptqmodel", weights=PACKED, kernel=f"{kernel} ({', '.join(out['kernel_classes'])})",
                            layers=layers, model=out["model"], saved_dir=out["saved_dir"])
 
