@@ -12,6 +12,9 @@ no casts). For each variant:
 Also a microbenchmark of the fused matmul shapes, each over enough distinct weights that they
 cannot stay in L2 between replays.
 Prints JSON lines; writes $OUT/decode_profile.jsonl.
+It needs only torch and transformers (the bare GPU machine, no carried wheels), which is why it
+times generate() and the graph loop itself rather than through sweep.measure.latency (which needs
+the config stack: hydra, omegaconf).
 usage: python benchmarks/device/decode_profile.py [--microbench] [--variants fp16,int4,int4_fused,...] [--layers 32]
        (--microbench --variants "": the per-shape table alone, with each shape's max error against
        GPTQ's dequantization of the same codes)
@@ -59,19 +62,20 @@ def build(layers: int, dtype):
     return model
 
 
-def to_int4(model):
-    """Every decoder linear onto tinygemm with random codes (the kernel's speed does not depend on them)."""
+def replace_decoder_linears(model, build):
+    """Every decoder linear replaced by build(*random_source(out, in)) (a kernel's speed does not depend on the codes)."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, linear in list(parent.named_children()):
                 if isinstance(linear, nn.Linear):
-                    n, k = linear.weight.shape
-                    codes = torch.randint(0, 16, (n, k), device=DEVICE, dtype=torch.int32)
-                    scales = (torch.rand(k // GROUP, n, device=DEVICE) * 0.01 + 1e-3).half()
-                    zeros = torch.randint(0, 16, (k // GROUP, n), device=DEVICE)
-                    setattr(parent, name, TinyGemmInt4Linear(codes, scales, zeros, GROUP))
+                    setattr(parent, name, build(*random_source(*linear.weight.shape)))
                     del linear
     torch.cuda.empty_cache()
+
+
+def tinygemm_layer(codes, scales, zeros):
+    """A tinygemm int4 layer from codes [out, in] and group scales/zeros [out, in/g] (GPTQ's w = (q - z) * s)."""
+    return TinyGemmInt4Linear(codes.int(), scales.t().contiguous().half(), zeros.t().contiguous(), GROUP)
 
 
 def gemlite_layer(codes, scales, zeros):
@@ -89,16 +93,6 @@ def gemlite_layer(codes, scales, zeros):
 def random_source(n, k):
     return (torch.randint(0, 16, (n, k), device=DEVICE, dtype=torch.uint8),
             torch.rand(n, k // GROUP, device=DEVICE) * 0.01 + 1e-3, torch.randint(0, 16, (n, k // GROUP), device=DEVICE))
-
-
-def to_gemlite(model):
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if isinstance(linear, nn.Linear):
-                    setattr(parent, name, gemlite_layer(*random_source(*linear.weight.shape)))
-                    del linear
-    torch.cuda.empty_cache()
 
 
 def fuse_gemlite(model):
@@ -211,8 +205,7 @@ def microbench():
         x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
         weights = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(copies)]
         sources = [random_source(n, k) for _ in range(copies)]
-        layers = [TinyGemmInt4Linear(codes.int(), scales.t().contiguous().half(), zeros.t().contiguous(), GROUP)
-                  for codes, scales, zeros in sources]
+        layers = [tinygemm_layer(*source) for source in sources]
         codes, scales, zeros = sources[0]
         reference = (codes.float() - zeros.float().repeat_interleave(GROUP, 1)) * \
             scales.half().float().repeat_interleave(GROUP, 1)  # GPTQ's dequantization, [out, in]
@@ -241,10 +234,7 @@ def microbench():
         torch.cuda.empty_cache()
     # fused vs separate outputs on CUDA (the packed layout joins along rows)
     k = 4096
-    parts = []
-    for n in (4096, 1024, 1024):
-        codes, scales, zeros = random_source(n, k)
-        parts.append(TinyGemmInt4Linear(codes.int(), scales.t().contiguous().half(), zeros.t().contiguous(), GROUP))
+    parts = [tinygemm_layer(*random_source(n, k)) for n in (4096, 1024, 1024)]
     fused = TinyGemmInt4Linear.concatenate(parts)
     x = torch.randn(3, k, device=DEVICE, dtype=torch.float16)
     diff = (fused(x) - torch.cat([p(x) for p in parts], -1)).abs().max().item()
@@ -278,14 +268,14 @@ def run_variant(variant, layers, new_tokens, modes):
     model = build(layers, dtype)
     row = {"variant": variant, "layers": layers, "dtype": str(dtype)}
     if variant.startswith("gemlite"):
-        to_gemlite(model)
+        replace_decoder_linears(model, gemlite_layer)
         if "fused" in variant:
             row["fused"] = fuse_gemlite(model)
         else:
             for module in model.modules():
                 module.__dict__.pop("source", None)
     if variant.startswith("int4"):
-        to_int4(model)
+        replace_decoder_linears(model, tinygemm_layer)
         if "fused" in variant:
             row["fused"] = fuse_projections(model, qkv=not variant.endswith("fused_mlp"))
     row["weights_mb"] = round(weight_mb(model))

@@ -7,6 +7,9 @@ from typing import List
 
 import torch
 
+from sweep.backends.tinygemm_fusion import FusedGatedMLP, FusedQKVProjection
+
+
 def save_for_backend(model: torch.nn.Module, tokenizer, directory: str) -> str:
     """Save the model as the run has it (dtype, truncation, random init) with its tokenizer."""
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -24,7 +27,7 @@ def kernel_classes(model: torch.nn.Module,
     for module in model.modules():
         cls = type(module)
         root = cls.__module__.split(".")[0]
-        if root == "sweep" and cls.__name__.startswith("Fused"):
+        if isinstance(module, (FusedGatedMLP, FusedQKVProjection)):  # hold no weights themselves
             names.add(cls.__name__)
         elif root in packages or "Linear4bit" in cls.__name__ or "Linear8bit" in cls.__name__:
             if any(isinstance(t, torch.Tensor) for t in module.buffers(recurse=False)) or \

@@ -185,23 +185,20 @@ def _graph_breaks() -> int:
 
 @torch.no_grad()
 def _measure_mode(model, tokenizer, cfg: BenchConfig, mode: str, progress=None) -> LatencyResult:
-    if mode == "graph":
-        if next(model.parameters()).device.type == "cuda":
-            # A fresh compile cache per measurement: runs of one multirun process share dynamo's cache,
-            # and past its recompile limit dynamo would fall back to eager without a word.
-            torch._dynamo.reset()
-        breaks = _graph_breaks()
-        with _compile_gate_lifted(model):
-            result = _graph_decode_timed(model, tokenizer, cfg, progress)
-        result.graph_breaks = _graph_breaks() - breaks
-        return result
-    if mode != "static":
+    if mode == "eager":
         return _generate_timed(model, tokenizer, cfg, mode, progress)
+    if mode == "graph" and next(model.parameters()).device.type == "cuda":
+        # A fresh compile cache per measurement: runs of one multirun process share dynamo's cache,
+        # and past its recompile limit dynamo would fall back to eager without a word.
+        torch._dynamo.reset()
     breaks = _graph_breaks()
     with _compile_gate_lifted(model):
-        result = _generate_timed(model, tokenizer, cfg, mode, progress)
-    # transformers keeps the compiled forward on the model once it has compiled it
-    result.compiled = getattr(model, "_compiled_call", None) is not None
+        if mode == "graph":
+            result = _graph_decode_timed(model, tokenizer, cfg, progress)
+        else:
+            result = _generate_timed(model, tokenizer, cfg, mode, progress)
+            # transformers keeps the compiled forward on the model once it has compiled it
+            result.compiled = getattr(model, "_compiled_call", None) is not None
     result.graph_breaks = _graph_breaks() - breaks
     return result
 
