@@ -22,9 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sweep.config import TrackingConfig  # noqa: E402
-from sweep.report import build_table  # noqa: E402
-from sweep.tracking import Tracker, sweep_runs  # noqa: E402
+from sweep.config.schema import TrackingConfig  # noqa: E402
+from sweep.analysis.table import build_table  # noqa: E402
+from sweep.tracking.tracker import Tracker, sweep_runs  # noqa: E402
 
 GRIDS = [
     ["method=fp16,rtn", "bits=4"],

@@ -10,11 +10,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import make_config
 from dataclasses import asdict
-from sweep.models import load_model
+from sweep.models.loading import load_model
 from sweep.measure.probe import probe_tokens, probe_perplexity
-from sweep.sensitivity import layer_groups, rtn_quantized, _head_nll
+from sweep.measure.sensitivity import layer_groups, rtn_quantized, _head_nll
 from sweep.quant.layers import LayerInputs, capture_first_layer_inputs, decoder_layers, run_layer
-from sweep.tracking import Tracker, flatten
+from sweep.tracking.tracker import Tracker, flatten
 import torch
 cfg = make_config("model=smollm2-135m", "method=rtn", "tracking.uri=sqlite:////tmp/sensitivity-cost.db")
 def clock(fn):

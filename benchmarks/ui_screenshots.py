@@ -18,9 +18,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import browser  # noqa: E402
 from sweep import report  # noqa: E402
-from sweep.config import TrackingConfig  # noqa: E402
-from sweep.tracking import TAG_PARENT, TAG_SWEEP_ID, Tracker  # noqa: E402
-from sweep.ui import serve, share_view  # noqa: E402
+from sweep.config.schema import TrackingConfig  # noqa: E402
+from sweep.tracking.tracker import TAG_PARENT, TAG_SWEEP_ID, Tracker, find_sweep, latest_sweep  # noqa: E402
+from sweep.tracking.ui import serve, share_view  # noqa: E402
 
 
 def main() -> int:
@@ -35,7 +35,7 @@ def main() -> int:
         print(f"cannot take screenshots: {why}", file=sys.stderr)
         return 1
     tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment), args.experiment)
-    parent = report._find_parent(tracker, args.sweep_id) if args.sweep_id else report.latest_sweep(tracker)
+    parent = find_sweep(tracker, args.sweep_id) if args.sweep_id else latest_sweep(tracker)
     sweep_id = parent.data.tags[TAG_SWEEP_ID]
     children = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
     report_dir = REPO / "outputs" / "report"

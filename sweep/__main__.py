@@ -11,25 +11,22 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
-from sweep.config import ConfigError, register_configs, to_sweep_config
-from sweep.model_checks import check_against_model
-from sweep.orphans import sigterm_as_interrupt
-from sweep.gpu_pool import register_resolver
+from sweep.config.schema import CONF_DIR, ConfigError, register_configs
+from sweep.infra.gpu_pool import register_resolver
+from sweep.infra.interrupts import sigterm_as_interrupt
+from sweep.pipeline.objective import FAILED, describe, objective
+from sweep.pipeline.run import run_point
+from sweep.pipeline.sweeps import is_grid, sweep_context
+from sweep.validation.fields import to_sweep_config
+from sweep.validation.model_fit import check_against_model
 
 register_configs()
 register_resolver()  # ${sweep_gpu_count:}, ${sweep_gpus_per_job:} in conf/hydra/launcher/
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float:
-    """One grid point; returns its objective (sweep/objective.py), which the Optuna sweeper minimises."""
-    from sweep.objective import FAILED, describe, objective
-    from sweep.run import run_point
-    from sweep.sweeps import is_grid, sweep_context
-
+    """One grid point; returns its objective (sweep/pipeline/objective.py), which the Optuna sweeper minimises."""
     logging.captureWarnings(True)
     # SIGTERM (a scheduler's kill, `kill PID`) ends a run like Ctrl-C: the run is marked KILLED.
     sigterm_as_interrupt()

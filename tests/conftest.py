@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from sweep.config import SweepConfig, register_configs, to_sweep_config
+from sweep.config.schema import SweepConfig, register_configs
+from sweep.validation.fields import to_sweep_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -26,7 +27,7 @@ def make_config(*overrides: str) -> SweepConfig:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    from sweep.models import embedded_model_dir as ensure
+    from sweep.models.embedded import embedded_model_dir as ensure
 
     return ensure("smollm2-135m-instruct", os.environ.get("SWEEP_CACHE", "~/.cache/sweep"))
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 import browser
 from conftest import EXPERIMENT
 from sweep import report
-from sweep.ui import serve, share_view
+from sweep.tracking.ui import serve, share_view
 
 WHY = browser.missing()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no headless browser: {WHY}")

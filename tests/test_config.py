@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, make_config
-from sweep.config import ConfigError, config_hash, validate
+from sweep.config.schema import ConfigError
+from sweep.pipeline.identity import config_hash
+from sweep.validation.fields import validate
 
 
 def test_defaults_are_valid():
@@ -113,7 +115,7 @@ def test_experiment_presets_expand_to_valid_grids(preset, size):
     from hydra.core.global_hydra import GlobalHydra
 
     from conftest import CONF
-    from sweep.sweeps import grid_overrides, validate_grid
+    from sweep.pipeline.sweeps import grid_overrides, validate_grid
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -6,9 +6,10 @@ Its speed on the GPU is in docs/benchmarks.md.
 """
 import pytest
 
-from sweep.config import BenchConfig, ConfigError, validate
+from sweep.config.schema import BenchConfig, ConfigError
+from sweep.validation.fields import validate
 from sweep.measure.latency import measure_latency
-from sweep.models import load_model
+from sweep.models.loading import load_model
 from conftest import make_config
 
 PROMPTS = ["Write a short poem about the sea.", "Hi", "What is the capital of France?"]

@@ -93,8 +93,8 @@ def test_killed_sweep_leaves_a_consistent_store_and_resumes(tmp_path, embedded_m
 
 WRITER = textwrap.dedent("""
     import sys
-    from sweep.config import TrackingConfig
-    from sweep.tracking import Tracker
+    from sweep.config.schema import TrackingConfig
+    from sweep.tracking.tracker import Tracker
     uri, writer = sys.argv[1], sys.argv[2]
     tracker = Tracker(TrackingConfig(uri=uri), "concurrent")
     for i in range(5):
@@ -123,7 +123,7 @@ def test_four_concurrent_writers_to_one_fresh_sqlite_store_lose_nothing(tmp_path
 def test_locked_store_calls_are_retried_not_lost(monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from sweep import store
+    from sweep.tracking import store
 
     monkeypatch.setattr(store.time, "sleep", lambda s: None)
     calls = []
@@ -146,8 +146,8 @@ def test_locked_store_calls_are_retried_not_lost(monkeypatch):
 def test_corrupted_cache_entries_are_detected_and_rebuilt(tmp_path, embedded_model_dir):
     from transformers import AutoTokenizer
 
-    from sweep import calibration
-    from sweep.tasks import write_task_dir
+    from sweep.data import calibration
+    from sweep.data.tasks import write_task_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
     cal = make_config("calibration.nsamples=3", "calibration.seqlen=32").calibration
@@ -178,8 +178,8 @@ def test_corrupted_cache_entries_are_detected_and_rebuilt(tmp_path, embedded_mod
 
 
 def test_nonfinite_metrics_get_a_status_tag_not_a_number(tmp_path, monkeypatch, embedded_model_dir):
-    import sweep.run as run_module
-    from sweep.run import run_point
+    import sweep.pipeline.run as run_module
+    from sweep.pipeline.run import run_point
 
     def nan_eval(model, tokenizer, cfg, cache, seed=0):
         return {"wikitext.word_perplexity": math.nan, "lambada.perplexity": math.inf, "lambada.acc": 0.5}, {}
@@ -198,7 +198,7 @@ def test_nonfinite_metrics_get_a_status_tag_not_a_number(tmp_path, monkeypatch, 
 def test_task_folder_is_never_rewritten_in_place(tmp_path):
     # Parallel grid points (hydra/launcher=gpus) share the lm-eval task folder while lm-eval scans it;
     # a rewrite in place let one worker read an empty task YAML ("sweep_lambada is not a registered task").
-    from sweep.tasks import TASK_DIR, write_task_dir
+    from sweep.data.tasks import TASK_DIR, write_task_dir
 
     target = write_task_dir(tmp_path / "tasks")
     files = sorted(p.name for p in TASK_DIR.glob("*.yaml")) + ["utils.py"]

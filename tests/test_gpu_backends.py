@@ -9,7 +9,8 @@ import importlib.util
 import pytest
 import torch
 
-from sweep.config import ConfigError, validate
+from sweep.config.schema import ConfigError
+from sweep.validation.fields import validate
 from sweep.methods import get_method
 from conftest import make_config
 
@@ -90,9 +91,9 @@ def test_shipped_shapes_have_their_published_sizes(shape):
 
 def test_random_model_runs_batched_latency(embedded_model_dir):
     """A tiny random-init model end to end through generate() at batch 2: tokens/s counts every sequence."""
-    from sweep.config import BenchConfig
+    from sweep.config.schema import BenchConfig
     from sweep.measure.latency import measure_latency
-    from sweep.models import load_model
+    from sweep.models.loading import load_model
 
     cfg = make_config("model=qwen2.5-0.5b-shape", "model.architecture.num_hidden_layers=1",
                       "model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
@@ -116,7 +117,7 @@ def test_random_model_runs_batched_latency(embedded_model_dir):
 def test_report_blanks_quality_of_random_weights():
     from types import SimpleNamespace
 
-    from sweep.report import build_table
+    from sweep.analysis.table import build_table
 
     def run(init, ppl):
         tags = {"method": "rtn", "weights": "simulated", "bits": "4", "group_size": "128", "model.init": init,
@@ -136,7 +137,7 @@ def test_report_blanks_quality_of_random_weights():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (CI has none; run on the GPU machine, docs/benchmarks.md)")
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel (pip install 'gptqmodel>=7.6')")
 def test_gptqmodel_packs_and_reloads_on_gpu(embedded_model_dir, tmp_path):
-    from sweep.run import run_point
+    from sweep.pipeline.run import run_point
 
     cfg = make_config("model=smollm2-135m-4l", "method=gptq", "bits=4", "group_size=32", "device=cuda",
                       "calibration.nsamples=8", "calibration.seqlen=128", "eval=none", "bench=none",
@@ -152,11 +153,11 @@ def test_random_init_checks_its_own_architecture_and_needs_only_a_tokenizer(embe
     architecture, not against the tokenizer's source model (SmolLM2's 576 would refuse g128)."""
     import shutil
 
-    from sweep.model_checks import check_against_model
+    from sweep.validation.model_fit import check_against_model
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(embedded_model_dir / name, tmp_path / name)
-    from sweep.config import ConfigError
+    from sweep.config.schema import ConfigError
 
     cfg = make_config("model=llama-3.2-1b-shape", f"model.path={tmp_path}", "method=rtn")
     monkeypatch.setattr(get_method("rtn"), "ragged_groups", False)  # as for a packed backend
@@ -178,9 +179,9 @@ def test_layer_bits_of_a_random_shape_are_not_checked_against_the_tokenizer_mode
 def test_autoround_fake_export_of_a_float32_model_fails_instead_of_reporting_unquantized_quality(tmp_path):
     # 5 bits have no packed auto-round format, so the export is auto-round's "fake" format, which on a
     # float32 model (CPU) writes the original weights back. Found when the reloaded model scored exactly fp32.
-    from sweep import calibration
-    from sweep.models import load_model
-    from sweep.progress import Progress
+    from sweep.data import calibration
+    from sweep.models.loading import load_model
+    from sweep.infra.progress import Progress
 
     cfg = make_config("model=smollm2-135m-4l", "method=autoround", "bits=5", "group_size=32", "method.iters=0",
                       "calibration.nsamples=4", "calibration.seqlen=64")

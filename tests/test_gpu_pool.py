@@ -9,19 +9,19 @@ import sys
 import pytest
 
 from conftest import REPO
-from sweep import gpu_pool
+from sweep.infra import gpu_pool
 
 # A holder: claims a GPU for its process, reports it, and keeps it until its stdin closes.
 HOLDER = """
 import os, sys
-from sweep.gpu_pool import assign_process_gpu
+from sweep.infra.gpu_pool import assign_process_gpu
 gpu = assign_process_gpu()
 print(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
 sys.stdin.read()
 """
 # A prober: which GPU it could claim right now ("None" when every one is held).
 PROBE = """
-from sweep.gpu_pool import lock_dir, try_claim, visible_gpus
+from sweep.infra.gpu_pool import lock_dir, try_claim, visible_gpus
 held = try_claim(visible_gpus(), lock_dir())
 print(held.gpu if held else None, flush=True)
 """

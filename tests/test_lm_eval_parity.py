@@ -10,8 +10,8 @@ import pytest
 
 from conftest import make_config
 from sweep.measure.quality import evaluate
-from sweep.models import load_model
-from sweep.tasks import write_task_dir
+from sweep.models.loading import load_model
+from sweep.data.tasks import write_task_dir
 
 
 def test_sweep_numbers_equal_lm_eval_cli(embedded_model_dir, tmp_path):

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import make_config
-from sweep.allocate import allocate, group_bits
-from sweep.config import ConfigError
+from sweep.analysis.allocate import allocate, group_bits
+from sweep.config.schema import ConfigError
 from sweep.measure import memory
 from sweep.methods import get_method
-from sweep.models import load_model
-from sweep.progress import Progress
+from sweep.models.loading import load_model
+from sweep.infra.progress import Progress
 from sweep.quant.grid import qdq_rtn, storage_bits_per_weight
 from sweep.quant.layer_bits import KEEP_BITS, average_bits, plan_layers
 
@@ -30,7 +30,7 @@ def small_model(embedded_model_dir):
 
 
 def _quantize(small_model, *overrides):
-    from sweep import calibration
+    from sweep.data import calibration
 
     model, tokenizer, original = small_model
     cfg = make_config(*SMALL, *overrides)
@@ -157,7 +157,7 @@ def test_allocation_favours_sensitive_groups_and_rejects_impossible_budgets():
 def test_sensitivity_reruns_only_what_a_group_changes(small_model):
     """The cached-prefix scores equal full forward passes of the model with that group quantized."""
     from sweep.measure.probe import probe_perplexity, probe_tokens
-    from sweep.sensitivity import layer_groups, measure_sensitivity, rtn_quantized
+    from sweep.measure.sensitivity import layer_groups, measure_sensitivity, rtn_quantized
 
     model, tokenizer, original = small_model
     model.load_state_dict(original)

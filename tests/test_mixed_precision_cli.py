@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_config
 from sweep import allocate, report
-from sweep.config import config_hash
+from sweep.pipeline.identity import config_hash
 
 EXPERIMENT = "smollm2-135m-4l"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 def test_sweep_progress_line_gives_points_done_and_eta():
     import time
 
-    from sweep.progress import sweep_eta
+    from sweep.infra.progress import sweep_eta
 
     assert sweep_eta(time.time(), 0, 6) == "sweep: starting point 1 of 6"
     line = sweep_eta(time.time() - 600, 2, 6)  # 2 points took 10 min: 4 left, ~20 min

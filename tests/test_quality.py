@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import make_config
-from sweep import calibration
+from sweep.data import calibration
 from sweep.measure.quality import evaluate
 from sweep.methods import get_method
-from sweep.models import load_model
-from sweep.progress import Progress
+from sweep.models.loading import load_model
+from sweep.infra.progress import Progress
 
 LIMITS = ["eval.limit.wikitext=1", "eval.limit.lambada=100"]
 

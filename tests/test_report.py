@@ -6,8 +6,9 @@ import re
 
 import pandas as pd
 
-from sweep.report import COLUMNS, DELTAS, TRAILING, rounded, write_report
-from sweep.report_html import ReportData, Section, pareto_front, render_html
+from sweep.analysis.table import COLUMNS, DELTAS, TRAILING, rounded
+from sweep.analysis.export import write_report
+from sweep.analysis.html import ReportData, Section, pareto_front, render_html
 
 
 def _table() -> pd.DataFrame:

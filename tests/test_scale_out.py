@@ -23,9 +23,9 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_config
-from sweep import gpu_pool
-from sweep.config import config_hash
-from sweep.objective import PENALTY
+from sweep.infra import gpu_pool
+from sweep.pipeline.identity import config_hash
+from sweep.pipeline.objective import PENALTY
 
 GRID = ["model=smollm2-135m-4l", "method=rtn", "bits=2,3,4,8", "eval.tasks=[lambada]", "eval.limit.lambada=4",
         "bench=none"]
@@ -181,8 +181,8 @@ def test_optuna_preset_prefers_the_point_within_the_memory_budget(tmp_path, monk
 
 
 def test_objective_penalises_over_budget_and_failed_points():
-    from sweep.config import ObjectiveConfig
-    from sweep.objective import FAILED, objective
+    from sweep.config.schema import ObjectiveConfig
+    from sweep.pipeline.objective import FAILED, objective
 
     cfg = ObjectiveConfig(metric="wikitext.word_perplexity", memory_budget_mb=150.0)
     fits = {"wikitext.word_perplexity": 120.0, "memory.packed_weights_mb": 148.0}

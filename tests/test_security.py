@@ -9,13 +9,13 @@ from dataclasses import asdict
 import pytest
 
 from conftest import REPO, make_config
-from sweep.redact import public_config, public_overrides, redact_uri
-from sweep.tracking import flatten
+from sweep.infra.redact import public_config, public_overrides, redact_uri
+from sweep.tracking.tracker import flatten
 
 
 def test_remote_code_is_not_run_unless_the_config_says_so(tmp_path, embedded_model_dir):
     """A model directory whose config points at its own Python code: loading must refuse, not import it."""
-    from sweep.models import load_model
+    from sweep.models.loading import load_model
 
     model = tmp_path / "remote-code-model"
     shutil.copytree(embedded_model_dir, model)
@@ -39,7 +39,7 @@ def test_no_pickle_loads_in_the_package():
     hits = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "sweep").rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
-    assert "use_safetensors=True" in (REPO / "sweep" / "models.py").read_text()
+    assert "use_safetensors=True" in (REPO / "sweep" / "models" / "loading.py").read_text()
 
 
 def test_secrets_never_reach_params_or_the_config_artifact():

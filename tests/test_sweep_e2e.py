@@ -12,8 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from conftest import EXPERIMENT, FAST, REPO, run_sweep as _sweep
-from sweep.datasets import CHECKSUMS
-from sweep.report import COLUMNS, DELTAS
+from sweep.data.vendored import CHECKSUMS
+from sweep.analysis.table import COLUMNS, DELTAS
 
 def _runs(tmp_path, role):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -9,9 +9,10 @@ from torch import nn
 
 from sweep.backends.gptqmodel_backend import gptq_kernel_for
 from sweep.backends.tinygemm import TinyGemmError, TinyGemmInt4Linear, convert_model, unpack_gptq
-from sweep.config import ConfigError, validate
+from sweep.config.schema import ConfigError
+from sweep.validation.fields import validate
 from sweep.measure.latency import _compile_gate_lifted
-from sweep.model_checks import check_against_model
+from sweep.validation.model_fit import check_against_model
 from conftest import make_config
 
 

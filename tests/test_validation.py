@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CONF, make_config
-from sweep.config import ConfigError, validate
-from sweep.model_checks import check_against_model
+from sweep.config.schema import ConfigError
+from sweep.validation.fields import validate
+from sweep.validation.model_fit import check_against_model
 
 
 def _model_dir(tmp_path, *files):
@@ -43,7 +44,7 @@ def test_complete_model_dir_passes(tmp_path):
 
 @pytest.fixture
 def fresh_data_checks():
-    from sweep.datasets import data_file
+    from sweep.data.vendored import data_file
 
     data_file.cache_clear()
     yield
@@ -51,7 +52,7 @@ def fresh_data_checks():
 
 
 def test_vendored_data_checksum_mismatch_is_refused(monkeypatch, fresh_data_checks):
-    from sweep import datasets
+    from sweep.data import vendored as datasets
 
     monkeypatch.setitem(datasets.CHECKSUMS, "lambada_openai.test.jsonl", "0" * 64)
     with pytest.raises(ConfigError) as err:
@@ -99,7 +100,7 @@ def test_multirun_refuses_a_group_size_the_model_rules_out(monkeypatch, embedded
     from hydra.core.global_hydra import GlobalHydra
 
     from sweep.methods.gptq import GPTQ
-    from sweep.sweeps import validate_grid
+    from sweep.pipeline.sweeps import validate_grid
 
     monkeypatch.setattr(GPTQ, "ragged_groups", False)
     GlobalHydra.instance().clear()

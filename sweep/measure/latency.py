@@ -25,7 +25,7 @@ from typing import Dict, List
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from sweep.config import BenchConfig
+from sweep.config.schema import BenchConfig
 
 
 MODES = {"eager": ("eager",), "static": ("static",), "graph": ("graph",), "both": ("eager", "static"),

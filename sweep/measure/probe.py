@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from sweep.datasets import wikitext_documents
+from sweep.data.vendored import wikitext_documents
 
 
 def probe_tokens(tokenizer, docs: Sequence[int], max_tokens: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Quality through lm-eval: WikiText-2 perplexities and LAMBADA perplexity/accuracy of the in-memory model.
 
 The model object itself goes to lm-eval (`HFLM(pretrained=<model>)`), so what is scored is
-exactly what was quantized, with no save/reload in between. Tasks come from sweep/tasks
+exactly what was quantized, with no save/reload in between. Tasks come from sweep/data/tasks
 (the vendored data), so nothing is downloaded.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from sweep.config import EvalConfig
-from sweep.tasks import LM_EVAL_TASKS, write_task_dir
+from sweep.config.schema import EvalConfig
+from sweep.data.tasks import LM_EVAL_TASKS, write_task_dir
 
 log = logging.getLogger(__name__)
 

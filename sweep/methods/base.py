@@ -6,15 +6,14 @@ A method is one module in this package defining one subclass of `QuantMethod`, p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from sweep.progress import Progress
-from sweep.quant.layer_bits import KEEP_BITS, LayerSetting, parse_layer_bits, plan_layers, unmatched_message, unmatched_patterns
+from sweep.infra.progress import Progress
+from sweep.quant.layer_bits import KEEP_BITS, LayerSetting, parse_layer_bits, plan_layers
 
 # Values of the `weights` tag: whether a low-bit kernel runs the weights, or they are
 # quantize-dequantized values stored in the original dtype.
@@ -111,7 +110,9 @@ class QuantMethod:
     @classmethod
     def check_options(cls, cfg, options) -> List[str]:
         if isinstance(options, MixedPrecisionOptions):
-            return layer_bits_errors(cfg, options.layer_bits)
+            # Values only; which modules the patterns match is checked against the model by
+            # sweep.validation.model_fit (and again on the loaded model, by plan_layers).
+            return parse_layer_bits(options.layer_bits)[1]
         return []
 
     def layer_plan(self, target_names) -> Dict[str, LayerSetting]:
@@ -121,35 +122,3 @@ class QuantMethod:
 
     def quantize(self, model: nn.Module, calibration: Optional[list], progress: Progress) -> QuantReport:
         raise NotImplementedError
-
-
-def layer_bits_errors(cfg, layer_bits: Dict[str, Any]) -> List[str]:
-    """Bad values, and patterns that match no target module, found without loading weights: the
-    module names come from the model's config on the meta device when it is already on this
-    machine (else the check runs again, before quantizing, on the loaded model)."""
-    parsed, errors = parse_layer_bits(layer_bits)
-    if errors or not parsed or cfg.model.init == "random":  # random: model.path holds only the tokenizer
-        return errors
-    names = _target_names(cfg.model.path, cfg.model.num_layers, cfg.model.trust_remote_code, cfg.cache_dir,
-                          cfg.quantize_lm_head)
-    if names is None:
-        return []
-    unmatched = unmatched_patterns(parsed, names)
-    return [unmatched_message(unmatched, names, cfg.quantize_lm_head)] if unmatched else []
-
-
-@lru_cache(maxsize=8)  # a grid validates every point; the skeleton is the same for all of them
-def _target_names(path: str, num_layers: Optional[int], trust_remote_code: bool, cache_dir: str,
-                  quantize_lm_head: bool) -> Optional[Tuple[str, ...]]:
-    from sweep.config import ModelConfig
-    from sweep.models import model_skeleton
-    from sweep.quant.layers import quantizable_linears
-
-    try:
-        skeleton = model_skeleton(ModelConfig(path=path, num_layers=num_layers, trust_remote_code=trust_remote_code),
-                                  cache_dir)
-    except Exception:  # noqa: BLE001 - an unreadable model config is reported by the model load itself
-        return None
-    if skeleton is None:
-        return None
-    return tuple(quantizable_linears(skeleton, include_lm_head=quantize_lm_head))

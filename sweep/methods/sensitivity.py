@@ -1,5 +1,5 @@
 """Sensitivity: not a quantizer but a measurement: the perplexity increase when each layer group
-alone is round-to-nearest quantized at `bits`/`group_size`/`sym` (sweep/sensitivity.py).
+alone is round-to-nearest quantized at `bits`/`group_size`/`sym` (sweep/measure/sensitivity.py).
 
 The model is left unquantized; the per-group table is the run's `sensitivity.json` artifact
 (one run for all groups, not one run per group: see docs/mixed-precision.md for the measurement
@@ -12,7 +12,7 @@ from typing import List
 
 from sweep.measure.probe import probe_tokens
 from sweep.methods.base import UNQUANTIZED, QuantMethod, QuantReport
-from sweep.sensitivity import ARTIFACT, measure_sensitivity, table_metrics
+from sweep.measure.sensitivity import ARTIFACT, measure_sensitivity, table_metrics
 
 
 @dataclass
@@ -41,14 +41,8 @@ class Sensitivity(QuantMethod):
         return errors
 
     def quantize(self, model, calibration, progress) -> QuantReport:
-        from transformers import AutoTokenizer
-
-        from sweep.models import model_location
-
         cfg, opts = self.cfg, self.options
-        tokenizer = AutoTokenizer.from_pretrained(model_location(cfg.model, cfg.cache_dir),
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-        tokens = probe_tokens(tokenizer, opts.probe_docs, opts.probe_tokens)
+        tokens = probe_tokens(self.tokenizer, opts.probe_docs, opts.probe_tokens)
         table = measure_sensitivity(model, tokens, opts.probe_seqlen, cfg.bits, cfg.group_size, cfg.sym,
                                     cfg.quantize_lm_head, progress)
         table["probe_docs"] = list(opts.probe_docs)

@@ -12,10 +12,13 @@ import base64
 import html
 import io
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import pandas as pd
+
+from sweep.analysis.sections import ReportData, Section, SectionFn
+from sweep.analysis.sensitivity import report_section as sensitivity_heatmap
+from sweep.analysis.table import rounded
 
 WEIGHTS_NOTE = ("<b>weights</b>: <code>packed</code> = run by a low-bit kernel; <code>simulated</code> = "
                 "quantize-dequantized values in the original dtype (quality is real; speed and in-memory size are "
@@ -26,24 +29,6 @@ SUMMARY_COLUMNS = ["method", "weights", "bits", "group_size", "wikitext_word_ppl
                    "delta_lambada_acc", "weight_mb", "delta_weight_mb", "tokens_per_s", "status"]
 
 
-@dataclass
-class ReportData:
-    table: pd.DataFrame                  # build_table's output, COLUMNS order
-    title: str
-    baseline: Optional[pd.Series] = None  # the fp16 row the deltas are against, if any
-    runs: Sequence = ()                  # the MLflow runs behind the rows (for sections that read artifacts)
-    client: Any = None                   # an MlflowClient on the same store
-
-
-@dataclass
-class Section:
-    title: str
-    figure: Any = None                   # a matplotlib Figure, embedded as PNG
-    caption: str = ""                    # HTML
-    html: str = ""                       # extra HTML after the figure (a table ...)
-
-
-SectionFn = Callable[[ReportData], Optional[Section]]
 # Extra figure sections, appended after the built-in ones (e.g. a per-layer sensitivity heat-map).
 EXTRA_SECTIONS: List[SectionFn] = []
 
@@ -61,8 +46,6 @@ def pareto_front(df: pd.DataFrame, cost: str, loss: str) -> pd.Series:
 
 
 def render_html(data: ReportData, extra: Optional[Sequence[SectionFn]] = None) -> str:
-    from sweep.report import rounded  # the same rounding as the Markdown
-
     sections = [s for s in (fn(data) for fn in (*BUILTIN_SECTIONS, *(EXTRA_SECTIONS if extra is None else extra)))
                 if s is not None]
     df = data.table
@@ -184,8 +167,6 @@ def quality_vs_memory(data: ReportData) -> Optional[Section]:
     ax.legend(fontsize=8)
     table = df[front].sort_values("weight_mb")[["run", "method", "weights", "bits", "group_size", "weight_mb",
                                                 QUALITY, "delta_word_ppl"]]
-    from sweep.report import rounded
-
     return Section("Quality vs weight memory", fig,
                    "Circled points are on the Pareto front: no other run is both smaller and better.",
                    "<h3>Pareto front</h3>" + _table_html(rounded(table)))
@@ -211,12 +192,6 @@ def speed_vs_memory(data: ReportData) -> Optional[Section]:
     if (df["weights"] == "simulated").any():
         caption += " Simulated runs hold dequantized weights, so their speed and memory are those of the baseline."
     return Section("Tokens/s vs memory", fig, caption)
-
-
-def sensitivity_heatmap(data: ReportData) -> Optional[Section]:
-    from sweep.sensitivity import report_section  # lazy: torch-heavy module, only for this section
-
-    return report_section(data)
 
 
 BUILTIN_SECTIONS: List[SectionFn] = [perplexity_vs_bits, quality_vs_memory, speed_vs_memory, sensitivity_heatmap]

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent
 
 CHECKSUMS: Dict[str, str] = {
     "wikitext-2-raw-v1.test.raw": "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",

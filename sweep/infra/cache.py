@@ -79,3 +79,7 @@ def cached_tensor(root: Path, kind: str, inputs: Dict[str, Any], build: Callable
     path = Path(root) / kind / f"{key_of(inputs)}.safetensors"
     cached_file(path, lambda tmp: save_file({"data": build().contiguous()}, str(tmp)), inputs)
     return load_file(str(path))["data"]
+
+
+def cache_root(cache_dir: str) -> Path:
+    return Path(os.path.expanduser(os.environ.get("SWEEP_CACHE", cache_dir)))

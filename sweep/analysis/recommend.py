@@ -8,12 +8,17 @@ those of the newest finished run that has a perplexity.
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from sweep.tracking import TAG_ROLE, Tracker
+from sweep.analysis.allocate import hydra_dict
+from sweep.analysis.table import BASELINE_MATCH
+from sweep.config.schema import CONF_DIR, register_configs
+from sweep.methods import get_method
+from sweep.tracking.tracker import Tracker, point_runs, read_artifact
+from sweep.validation.fields import to_sweep_config
 
 QUALITY = "wikitext.word_perplexity"
 SIZE = "memory.packed_weights_mb"
@@ -22,12 +27,9 @@ SHOWN = [QUALITY, "wikitext.bits_per_byte", "lambada.perplexity", "lambada.acc",
 # Config fields that never change a result, left out of the reproducing command.
 BOOKKEEPING = ("tracking", "resume", "force", "cache_dir")
 GROUPS = ("model", "calibration", "eval", "bench")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def comparable_key(run) -> Tuple:
-    from sweep.report import BASELINE_MATCH
-
     return tuple(run.data.params.get(k) for k in BASELINE_MATCH if k != "device") + (run.data.tags.get("device"),)
 
 
@@ -49,27 +51,20 @@ def reproduce_command(tracker: Tracker, run) -> str:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from dataclasses import asdict
-
-    from sweep.config import register_configs, to_sweep_config
-    from sweep.sensitivity import read_artifact
-
-    saved = yaml.safe_load(read_artifact(tracker, run.info.run_id, "config.yaml"))
-    from sweep.methods import get_method
-
+    saved = yaml.safe_load(read_artifact(tracker.client, run.info.run_id, "config.yaml"))
     method = saved["method"]["name"]
     # Calibration settings do not change a method that takes no calibration data: left out.
     ignored = () if get_method(method).needs_calibration else ("calibration",)
     register_configs()
     GlobalHydra.instance().clear()
     choices = [f"method={method}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         def resolved(overrides):
             return asdict(to_sweep_config(compose(config_name="config", overrides=overrides)))
 
         # Name config options where the run used one unchanged (model=smollm2-135m, bench=none, ...).
         for group in (g for g in GROUPS if g not in ignored):
-            for option in sorted((REPO / "conf" / group).glob("*.yaml")):
+            for option in sorted((CONF_DIR / group).glob("*.yaml")):
                 try:
                     same = resolved(choices + [f"{group}={option.stem}"])[group] == saved.get(group)
                 except Exception:  # noqa: BLE001 - an option that does not validate here is simply not it
@@ -85,8 +80,6 @@ def reproduce_command(tracker: Tracker, run) -> str:
         default = _flat(defaults).get(key, _MISSING)
         if key == "method.layer_bits":
             if value:
-                from sweep.allocate import hydra_dict
-
                 args.append(f"'+method.layer_bits={hydra_dict(value)}'")
             continue
         if value != default:
@@ -120,8 +113,7 @@ def _hydra_value(value: Any) -> str:
 
 
 def print_recommendation(tracker: Tracker, budget_mb: float) -> int:
-    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
-                                      max_results=5000)
+    runs = point_runs(tracker)
     best, comparable = recommend(runs, budget_mb)
     if best is None:
         smallest = min((r.data.metrics[SIZE] for r in comparable), default=None)

@@ -7,16 +7,14 @@ every layer are computed once for the baseline model, so quantizing a group in l
 re-runs layers i.. and the head: about half the cost of a full forward pass per group.
 
 The result is one table (a JSON artifact `sensitivity.json` of one MLflow run, written by the
-`sensitivity` method) that `heatmap_figure` draws and sweep/allocate.py turns into per-layer bits.
+`sensitivity` method) that sweep/analysis/sensitivity.py draws as a heat-map and
+sweep/analysis/allocate.py turns into per-layer bits.
 """
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -130,101 +128,3 @@ def table_metrics(table: Dict[str, Any]) -> Dict[str, float]:
     for row in table["groups"]:
         metrics[f"sensitivity.{row['group']}.delta_ppl"] = row["delta_ppl"]
     return metrics
-
-
-def heatmap_figure(table: Dict[str, Any]):
-    """Layers × sub-blocks (attention, MLP) heat-map of the perplexity increase; lm_head in the title.
-
-    Returns a matplotlib Figure (the caller saves it as PNG or embeds it in HTML)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = [r for r in table["groups"] if r["layer"] is not None]
-    blocks = sorted({r["block"] for r in rows}, key=lambda b: (b != "attn", b != "mlp", b))
-    n_layers = max(r["layer"] for r in rows) + 1 if rows else 0
-    grid = np.full((n_layers, len(blocks)), np.nan)
-    for r in rows:
-        grid[r["layer"], blocks.index(r["block"])] = r["delta_ppl"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(blocks), 1.2 + 0.22 * n_layers), layout="constrained")
-    image = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest")
-    ax.set_xticks(range(len(blocks)), blocks)
-    ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=7)
-    ax.set_ylabel("decoder layer")
-    finite = grid[np.isfinite(grid)]
-    for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            dark = finite.size and value > finite.min() + 0.6 * (finite.max() - finite.min())
-            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
-    head = next((r for r in table["groups"] if r["block"] == LM_HEAD), None)
-    title = f"perplexity increase, RTN {table['bits']}-bit g{table['group_size']}\n(baseline {table['baseline_ppl']:.2f}"
-    title += f"; lm_head {head['delta_ppl']:+.4g})" if head else ")"
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="Δ perplexity (probe)")
-    return fig
-
-
-def find_sensitivity_runs(tracker, model_path: Optional[str] = None) -> list:
-    """Finished sensitivity runs in the tracker's experiment, newest first."""
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string="tags.method = 'sensitivity' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=100)
-    return [r for r in runs if model_path is None or r.data.params.get("model.path") == model_path]
-
-
-def load_table(tracker, run_id: str) -> Dict[str, Any]:
-    return json.loads(read_artifact(tracker, run_id, ARTIFACT))
-
-
-def read_artifact(tracker, run_id: str, name: str) -> str:
-    """The text of one artifact of a run (without MLflow's download progress bar)."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        return Path(tracker.client.download_artifacts(run_id, name, tmp)).read_text()
-
-
-def write_heatmap(tracker, out_dir: Path, run_id: Optional[str] = None) -> Optional[Path]:
-    """`sensitivity-<run>.png` of the given (default: newest) sensitivity run in the tracker's
-    experiment; None when there is none. The report calls this; an HTML page can embed
-    `heatmap_figure(load_table(tracker, run_id))` directly."""
-    import matplotlib.pyplot as plt
-
-    if run_id is None:
-        runs = find_sensitivity_runs(tracker)
-        if not runs:
-            return None
-        run_id = runs[0].info.run_id
-    fig = heatmap_figure(load_table(tracker, run_id))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"sensitivity-{run_id[:12]}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
-def report_section(data):
-    """The HTML report's heat-map section (sweep/report_html.py): the newest finished sensitivity run
-    in the experiment of the report's runs; None when the experiment has none."""
-    import os
-
-    from sweep.report_html import Section
-
-    if not data.runs or data.client is None:
-        return None
-    runs = data.client.search_runs(
-        [data.runs[0].info.experiment_id],
-        filter_string="tags.method = 'sensitivity' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return None
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        table = json.loads(Path(data.client.download_artifacts(runs[0].info.run_id, ARTIFACT, tmp)).read_text())
-    return Section(title="Per-layer sensitivity", figure=heatmap_figure(table),
-                   caption=f"Perplexity increase when one layer group alone is quantized (run "
-                           f"{runs[0].info.run_id[:12]}); <code>python -m sweep.allocate</code> turns it into "
-                           "per-layer bits.")

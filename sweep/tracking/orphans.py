@@ -9,7 +9,6 @@ process on another host is left alone: from here we cannot tell whether it is st
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from typing import Any, Dict, List
 
@@ -17,15 +16,6 @@ import psutil
 
 TAG_HOST = "sweep.host"
 TAG_PID = "sweep.pid"
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler's kill, `kill PID`) unwinds like Ctrl-C, so open runs get closed as KILLED."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def owner_tags() -> Dict[str, Any]:

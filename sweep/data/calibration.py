@@ -15,9 +15,9 @@ from typing import Any, Dict, List
 
 import torch
 
-from sweep.config import CalibrationConfig
-from sweep.cache import cached_tensor, sha256_file
-from sweep.datasets import CHECKSUMS, data_file
+from sweep.config.schema import CalibrationConfig
+from sweep.data.vendored import CHECKSUMS, data_file
+from sweep.infra.cache import cached_tensor, sha256_file
 
 
 def describe(cfg: CalibrationConfig) -> str:

@@ -24,13 +24,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from sweep.config import ConfigError, to_sweep_config
-from sweep.model_checks import check_against_model
-from sweep.orphans import close_orphans, owner_tags, sigterm_as_interrupt
-from sweep.redact import public_overrides, redact_uri
-from sweep.run import SweepContext
-from sweep.tracking import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
-from sweep.ui import browse_hint, share_view
+from sweep.analysis.export import write_report
+from sweep.analysis.table import build_table, find_baseline
+from sweep.config.schema import ConfigError
+from sweep.infra.interrupts import sigterm_as_interrupt
+from sweep.infra.redact import public_overrides, redact_uri
+from sweep.pipeline.run import SweepContext
+from sweep.tracking.orphans import close_orphans, owner_tags
+from sweep.tracking.tracker import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
+from sweep.tracking.ui import browse_hint, share_view
+from sweep.validation.fields import to_sweep_config
+from sweep.validation.model_fit import check_against_model
 
 SWEEP_FILE = "sweep.json"
 TAG_INTERRUPTED = "sweep.interrupted"  # on a parent: "true" once interrupted, "false" once a relaunch completed it
@@ -151,8 +155,6 @@ class ParentRunCallback(Callback):
     def _end(self, config: DictConfig) -> int:
         if self.tracker is None or self.parent_id is None:
             return 0
-        from sweep.report import build_table, find_baseline, write_report
-
         runs = sweep_runs(self.tracker, self.parent_id)
         failed = [r for r in runs if r.info.status != "FINISHED"]
         baseline = find_baseline(self.tracker, runs)

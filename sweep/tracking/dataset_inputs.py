@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from sweep.config import SweepConfig
-from sweep.datasets import CHECKSUMS, data_file
+from sweep.config.schema import SweepConfig
+from sweep.data.vendored import CHECKSUMS, data_file
 
 CONTEXT_TAG = "mlflow.data.context"
 # Evaluation task → (dataset name, vendored file, split).

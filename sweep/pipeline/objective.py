@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-from sweep.config import ObjectiveConfig
+from sweep.config.schema import ObjectiveConfig
 
 # Worse than any perplexity a model that works at all can reach; over-budget points are ranked
 # by how far over they are (PENALTY × used/budget), failed ones below all of them.

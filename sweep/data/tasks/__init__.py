@@ -3,7 +3,7 @@
 `write_task_dir(dir)` writes a folder that lm-eval reads with `TaskManager(include_path=dir)`
 or, from the shell, `lm_eval --include_path dir --tasks sweep_wikitext,sweep_lambada ...`:
 
-    python -m sweep.tasks /tmp/sweep_tasks
+    python -m sweep.data.tasks /tmp/sweep_tasks
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from sweep.cache import cached_file
-from sweep.datasets import CHECKSUMS, data_file, write_wikitext_jsonl
+from sweep.data.vendored import CHECKSUMS, data_file, write_wikitext_jsonl
+from sweep.infra.cache import cached_file
 
 TASK_DIR = Path(__file__).parent
 # Our task names in lm-eval, by the short names used in configs and metric names.

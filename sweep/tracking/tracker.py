@@ -7,13 +7,16 @@ grid points of one sweep may run in one process (Hydra's basic launcher) or in m
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 from urllib.parse import urlparse
 
-from sweep.config import TrackingConfig
+from sweep.config.schema import TrackingConfig
+from sweep.tracking.store import open_client
 
 DEFAULT_STORE = "outputs/mlflow.db"
 DEFAULT_ARTIFACTS = "outputs/mlartifacts"
@@ -66,12 +69,10 @@ def resolve_artifact_location(cfg: TrackingConfig, uri: str) -> Optional[str]:
 
 class Tracker:
     def __init__(self, cfg: TrackingConfig, default_experiment: str):
-        import logging
+        import mlflow  # noqa: F401 - installs its console handler when first imported; replaced just below
 
-        from sweep.store import open_client
-
-        # MLflow (configured when first imported, just above) prints store migrations at INFO
-        # through its own console handler: route its warnings to our logging setup instead.
+        # MLflow prints store migrations at INFO through its own console handler: route its
+        # warnings to our logging setup instead.
         mlflow_log = logging.getLogger("mlflow")
         mlflow_log.handlers.clear()
         mlflow_log.propagate = True
@@ -79,7 +80,7 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = resolve_uri(cfg)
         self.experiment_name = cfg.experiment or default_experiment
-        # Concurrent jobs may share one store: see sweep/store.py.
+        # Concurrent jobs may share one store: see sweep/tracking/store.py.
         self.client, self.experiment_id = open_client(
             self.uri, lambda client: self._experiment(client, resolve_artifact_location(cfg, self.uri)))
 
@@ -170,6 +171,39 @@ def flatten(data: Dict[str, Any], prefix: str = "", whole: Iterable[str] = ()) -
         else:
             flat[name] = value
     return flat
+
+
+def latest_sweep(tracker: Tracker):
+    """The newest sweep's parent run in the tracker's experiment, or None."""
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'sweep'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def find_sweep(tracker: Tracker, sweep_id: str):
+    """A sweep's parent run by its run id or its `sweep.id` tag, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.client.get_run(sweep_id)
+    except MlflowException:
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id], filter_string=f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'sweep'",
+            max_results=1)
+        return runs[0] if runs else None
+
+
+def point_runs(tracker: Tracker) -> List:
+    """Every grid point's run in the tracker's experiment."""
+    return tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
+                                      max_results=5000)
+
+
+def read_artifact(client, run_id: str, name: str) -> str:
+    """The text of one artifact of a run (without MLflow's download progress bar)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, name, tmp)).read_text()
 
 
 def sweep_runs(tracker: Tracker, parent_id: str) -> Iterable:

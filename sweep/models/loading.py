@@ -1,0 +1,115 @@
+"""Loading the model and tokenizer: the embedded default, a local directory, or (opt-in) a Hub id.
+
+Also the model's shape without its weights (`model_skeleton`, on the meta device) for checks
+that run before any load, and the device and dtype a run resolves to.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from sweep.config.schema import ModelConfig
+from sweep.models.embedded import ModelSourceError, converted_dir, embedded_model_dir
+from sweep.quant.layers import decoder_layers
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("device='cuda' but torch sees no CUDA device (is the CPU build of torch installed?)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    # fp16 on accelerators; fp32 on CPU, where half-precision matmuls are slow or unsupported.
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def model_location(cfg: ModelConfig, cache_dir: str) -> str:
+    if cfg.path.startswith("embedded:"):
+        return str(embedded_model_dir(cfg.path.split(":", 1)[1], cache_dir))
+    local = Path(os.path.expanduser(cfg.path))
+    return str(local) if local.is_dir() else cfg.path
+
+
+def load_model(cfg: ModelConfig, device: str, cache_dir: str, allow_hub: bool = False) -> Tuple[torch.nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; the load phase line says enough
+    location = model_location(cfg, cache_dir)
+    if not allow_hub:
+        # Make any accidental Hub access fail fast instead of hanging on the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dtype = resolve_dtype(cfg.dtype, device)
+    common = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    tokenizer = AutoTokenizer.from_pretrained(location, **common)
+    if cfg.init == "random":
+        model = random_model(cfg.architecture or {}, dtype, device, len(tokenizer))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True, **common)
+    if cfg.num_layers is not None:
+        truncate_layers(model, cfg.num_layers)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def random_model(architecture: dict, dtype: torch.dtype, device: str, tokenizer_size: int) -> torch.nn.Module:
+    """A model of the given architecture with random weights, built directly on `device`.
+
+    The weights follow the architecture's own initializer (small normal), so activations stay
+    finite and kernels see realistic magnitudes; the outputs are of course meaningless.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(architecture)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    if config.vocab_size < tokenizer_size:
+        raise ValueError(f"model.architecture.vocab_size={config.vocab_size} is smaller than the tokenizer "
+                         f"({tokenizer_size} tokens): token ids would fall outside the embedding")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def truncate_layers(model: torch.nn.Module, num_layers: int) -> None:
+    """Keep the first `num_layers` decoder blocks (the final norm and head stay)."""
+    layers = decoder_layers(model)
+    if num_layers > len(layers):
+        raise ValueError(f"model.num_layers={num_layers} but the model has only {len(layers)} layers")
+    del layers[num_layers:]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def model_skeleton(cfg: ModelConfig, cache_dir: str) -> Optional[torch.nn.Module]:
+    """The model's modules on the meta device (no weights read, no download), or None when its
+    config is not on this machine yet (an embedded model not converted yet, a Hub id).
+    Lets config validation check module names before any model load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.path.startswith("embedded:"):
+        location = converted_dir(cfg.path.split(":", 1)[1], cache_dir)
+    else:
+        location = Path(os.path.expanduser(cfg.path))
+    if not (location / "config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if cfg.num_layers is not None:
+        truncate_layers(model, min(cfg.num_layers, len(decoder_layers(model))))
+    return model

@@ -1,0 +1,303 @@
+"""One grid point: load → calibrate → quantize → measure → log, as one MLflow run.
+
+`run_point` decides whether the point runs at all (a finished run with the same config hash is
+reused), opens its MLflow run and closes it whatever happens. A failure anywhere is recorded on
+the run (FAILED, error class and message as tags, the traceback as an artifact) and returned, so
+the other grid points of a sweep go on. In between, `_measure` walks the phases in order; each
+phase gets the `PointRun` (the config, the device, the run to log to, progress and memory
+peaks) and adds what it measured to it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import yaml
+
+from sweep.backends.checkpoint import free_accelerator_memory, scratch_dir
+from sweep.config.schema import SweepConfig
+from sweep.data import calibration
+from sweep.infra.cache import cache_root
+from sweep.infra.progress import Progress, sweep_eta
+from sweep.infra.redact import public_config, redact_uri
+from sweep.measure import memory
+from sweep.measure.latency import bandwidth_fraction, device_bandwidth_gbps, measure_latency
+from sweep.measure.quality import evaluate
+from sweep.methods import get_method
+from sweep.methods.base import PACKED, UNQUANTIZED, QuantReport
+from sweep.models.loading import load_model, resolve_device, resolve_dtype
+from sweep.pipeline.environment import environment_tags
+from sweep.pipeline.identity import config_hash
+from sweep.quant.layer_bits import average_bits
+from sweep.tracking.dataset_inputs import dataset_inputs
+from sweep.tracking.orphans import close_orphans, owner_tags
+from sweep.tracking.tracker import (TAG_CONFIG_HASH, TAG_NONFINITE, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker,
+                                    flatten)
+from sweep.validation.model_fit import check_against_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepContext:
+    """Where a grid point sits in its sweep (absent for a single run)."""
+
+    sweep_id: str
+    parent_run_id: str
+    index: int
+    total: int
+    started: Optional[float] = None   # time.time() when the sweep (this launch of it) started
+
+
+@dataclass
+class PointResult:
+    status: str                   # FINISHED, FAILED, SKIPPED
+    run_id: Optional[str]
+    metrics: Dict[str, float]
+    error: Optional[str] = None
+
+
+@dataclass
+class PointRun:
+    """One grid point while it runs: what it is, where it runs and logs, and what it has measured so far."""
+
+    cfg: SweepConfig
+    device: str                   # resolved: "cpu", "cuda", ...
+    tracker: Tracker
+    run_id: str
+    progress: Progress
+    peaks: memory.PeakMemory
+    cache: Path                   # the cache root (calibration samples, lm-eval task files, scratch)
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A timed phase with its own memory peaks."""
+        with self.progress.phase(name), self.peaks.phase(name):
+            yield
+
+    def seconds(self, phase: str) -> float:
+        return self.progress.phase_seconds[phase]
+
+    def tag(self, tags: Dict[str, Any]) -> None:
+        self.tracker.set_tags(self.run_id, tags)
+
+    def log_json(self, data: Any, name: str) -> None:
+        self.tracker.log_json(self.run_id, data, name)
+
+
+def describe(cfg: SweepConfig) -> str:
+    method = get_method(cfg.method_name)
+    parts = [cfg.method_name]
+    for knob in ("bits", "group_size", "sym", "damp_percent", "desc_act"):
+        if knob in method.knobs:
+            parts.append(f"{knob}={getattr(cfg, knob)}")
+    if cfg.method.get("layer_bits"):
+        parts.append(f"layer_bits=<{len(cfg.method['layer_bits'])} overrides>")
+    return " ".join(parts)
+
+
+def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Optional[Path] = None) -> PointResult:
+    label = describe(cfg)
+    if ctx is not None:
+        label = f"[{ctx.index + 1}/{ctx.total}] {label}"
+    progress = Progress(label)
+    if ctx is not None and ctx.started:
+        progress.say(sweep_eta(ctx.started, ctx.index, ctx.total))
+    device = resolve_device(cfg.device)
+    chash = config_hash(cfg, device)
+    tracker = Tracker(cfg.tracking, cfg.model.name)
+    for orphan in close_orphans(tracker, f"tags.`{TAG_CONFIG_HASH}` = '{chash}'"):
+        progress.say(f"run {orphan} of this grid point lost its process earlier; marked KILLED")
+
+    if cfg.resume and not cfg.force:
+        previous = tracker.find_finished(chash)
+        if previous is not None:
+            progress.say(f"already finished as run {previous.info.run_id} (config hash {chash}); skipped "
+                         "(force=true re-runs it)")
+            if ctx is not None:
+                tracker.set_tags(ctx.parent_run_id, {TAG_REUSED_PREFIX + chash: previous.info.run_id})
+            return PointResult("SKIPPED", previous.info.run_id, dict(previous.data.metrics))
+
+    tags = {TAG_ROLE: "point", TAG_CONFIG_HASH: chash, "method": cfg.method_name, "model": cfg.model.name,
+            "model.path": cfg.model.path, "device": device, **environment_tags(device), **owner_tags()}
+    if ctx is not None:
+        tags[TAG_SWEEP_ID] = ctx.sweep_id
+    run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
+    try:  # from here on, any way out closes the run
+        logged_config = public_config(asdict(cfg))  # no secrets in params or artifacts
+        tracker.log_params(run_id, flatten(logged_config, whole={"method.layer_bits"}))
+        tracker.log_text(run_id, yaml.safe_dump(logged_config, sort_keys=False), "config.yaml")
+        progress.say(f"MLflow run {run_id} in {redact_uri(tracker.uri)}")
+        point = PointRun(cfg, device, tracker, run_id, progress, memory.PeakMemory(device), cache_root(cfg.cache_dir))
+        metrics = _measure(point)
+    except KeyboardInterrupt:
+        _record_failure(tracker, run_id, "KILLED", log_file)
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one grid point must be recorded, not lost
+        progress.say(f"[red]FAILED: {type(exc).__name__}: {exc}[/red]")
+        _record_failure(tracker, run_id, "FAILED", log_file)
+        return PointResult("FAILED", run_id, {}, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        free_accelerator_memory()
+    if log_file and log_file.is_file():
+        tracker.log_file(run_id, log_file)
+    tracker.finish(run_id, "FINISHED")
+    progress.say(f"[green]finished[/green] in {sum(progress.phase_seconds.values()):.0f}s")
+    return PointResult("FINISHED", run_id, metrics)
+
+
+def _measure(point: PointRun) -> Dict[str, float]:
+    """Every phase of one grid point, in order; returns the metrics it logged."""
+    cfg = point.cfg
+    torch.manual_seed(cfg.seed)
+    method_cls = get_method(cfg.method_name)
+    point.tracker.client.log_inputs(point.run_id, datasets=dataset_inputs(cfg, method_cls.needs_calibration))
+    model, tokenizer = _load(point)
+    samples = _calibrate(point, tokenizer) if method_cls.needs_calibration else None
+    if samples is None:
+        point.tag({"calibration": "none"})
+    workdir = tempfile.mkdtemp(prefix="quantize-", dir=scratch_dir(str(point.cache), "scratch"))
+    try:
+        model, report = _quantize(point, model, tokenizer, samples, workdir)
+        _record_quantization(point, model, report)
+        if cfg.bench.repeats > 0:
+            _measure_latency(point, model, tokenizer)
+        if cfg.eval.tasks:
+            _measure_quality(point, model, tokenizer)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    del model
+    return _log_metrics(point)
+
+
+def _load(point: PointRun) -> Tuple[torch.nn.Module, Any]:
+    cfg = point.cfg
+    with point.phase("load"):
+        model, tokenizer = load_model(cfg.model, point.device, cfg.cache_dir, allow_hub=cfg.allow_hub)
+    point.metrics["time.load_s"] = point.seconds("load")
+    check_against_model(cfg, model.config.to_dict())  # a Hub model's shapes are known only now
+    point.tag({"dtype": str(resolve_dtype(cfg.model.dtype, point.device)).replace("torch.", ""),
+               "model.class": type(model).__name__,
+               "model.parameters": sum(p.numel() for p in model.parameters()),
+               "model.init": cfg.model.init,
+               # Random weights measure memory and speed at a real size; their quality is noise.
+               "quality.meaningful": str(cfg.model.init != "random").lower()})
+    return model, tokenizer
+
+
+def _calibrate(point: PointRun, tokenizer) -> List[torch.Tensor]:
+    with point.progress.phase("calibrate"):
+        samples = calibration.cached_samples(tokenizer, point.cfg.calibration, point.cache)
+    point.tag({"calibration": calibration.describe(point.cfg.calibration),
+               "calibration.tokens": sum(s.numel() for s in samples)})
+    return samples
+
+
+def _quantize(point: PointRun, model, tokenizer, samples, workdir: str) -> Tuple[torch.nn.Module, QuantReport]:
+    method = get_method(point.cfg.method_name)(point.cfg)
+    method.attach(tokenizer, workdir)
+    with point.phase("quantize"):
+        report = method.quantize(model, samples, point.progress)
+        if point.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    if report.model is not None:
+        # Path-based backends reload their packed checkpoint: measure that model from here on.
+        model, report.model = report.model, None
+    return model, report
+
+
+def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
+    """What the method did (tags, per-layer records, notes) and the sizes of the weights it left."""
+    cfg, metrics = point.cfg, point.metrics
+    quantized = report.weights != UNQUANTIZED
+    metrics["time.quantize_s"] = point.seconds("quantize") if quantized else 0.0
+    point.tag({"backend": report.backend, "weights": report.weights, "kernel": report.kernel,
+               "bits": cfg.bits if quantized else "none",
+               "group_size": cfg.group_size if quantized else "none",
+               "layer_bits": ("mixed" if cfg.method.get("layer_bits") else "uniform") if quantized else "none"})
+    if report.layers:
+        point.log_json(report.layers, "quantized_layers.json")
+    if report.notes:
+        point.tracker.log_text(point.run_id, "\n".join(report.notes), "quantize_notes.txt")
+    metrics["quant.layers"] = float(report.num_layers)
+
+    metrics["memory.weights_mb"] = memory.weight_footprint_mb(model)
+    metrics["memory.decode_read_mb"] = memory.decode_read_mb(model)
+    if report.weights == PACKED:
+        # The packed model is in memory: its footprint is measured, not estimated.
+        metrics["memory.packed_weights_mb"] = metrics["memory.weights_mb"]
+    else:
+        metrics["memory.packed_weights_mb"] = memory.packed_weights_mb(model, report.layers, cfg.sym)
+    metrics.update(average_bits(report.layers, cfg.sym))
+    metrics.update(report.metrics)
+    for name, content in report.artifacts.items():
+        point.log_json(content, name)
+    if report.saved_dir:
+        metrics["memory.disk_mb"] = memory.directory_size_mb(report.saved_dir, "*.safetensors")
+    elif cfg.bench.disk_size:
+        metrics["memory.disk_mb"] = memory.disk_size_mb(model)
+
+
+def _measure_latency(point: PointRun, model, tokenizer) -> None:
+    cfg, metrics = point.cfg, point.metrics
+    with point.phase("generate"):
+        latencies, latency_errors = measure_latency(model, tokenizer, cfg.bench, point.progress)
+    for mode, error in latency_errors.items():
+        point.tag({f"latency.{mode}.error": error})
+        point.progress.say(f"[yellow]latency mode {mode} failed: {error}[/yellow]")
+    cuda = point.device.startswith("cuda")
+    for mode, result in latencies.items():
+        prefix = "latency." if mode == "eager" else f"latency.{mode}."
+        mode_metrics = result.metrics()
+        metrics.update({prefix + k: v for k, v in mode_metrics.items()})
+        if cuda and "tokens_per_s" in mode_metrics:
+            # Decode at batch b streams every weight once per step: bytes x steps/s vs the device bandwidth.
+            metrics[prefix + "bandwidth_fraction"] = bandwidth_fraction(
+                metrics["memory.decode_read_mb"], mode_metrics["tokens_per_s"] / cfg.bench.batch_size)
+    if cuda:
+        metrics["device.bandwidth_gbps"] = device_bandwidth_gbps()
+    latency = latencies.get("eager") or next(iter(latencies.values()))
+    point.log_json(latency.samples, "samples.json")
+    point.log_json({"ttft_ms": latency.ttft_ms, "itl_ms": latency.itl_ms, "request_ms": latency.request_ms,
+                    "new_tokens": latency.new_tokens}, "latency_samples.json")
+
+
+def _measure_quality(point: PointRun, model, tokenizer) -> None:
+    with point.phase("eval"):
+        quality, raw = evaluate(model, tokenizer, point.cfg.eval, point.cache, seed=point.cfg.seed)
+    point.metrics.update(quality)
+    point.metrics["time.eval_s"] = point.seconds("eval")
+    point.log_json(raw, "lm_eval_results.json")
+
+
+def _log_metrics(point: PointRun) -> Dict[str, float]:
+    metrics = point.metrics
+    metrics.update({f"memory.{k}": v for k, v in point.peaks.peaks.items()})
+    metrics["memory.peak_mb"] = point.peaks.overall_peak_mb()
+    bad = point.tracker.log_metrics(point.run_id, metrics)
+    if bad:
+        # NaN/inf are never logged as numbers: the run says which metrics were not finite.
+        point.tag({TAG_NONFINITE: ",".join(bad)})
+        point.progress.say(f"[yellow]non-finite metrics (not logged): {', '.join(bad)}[/yellow]")
+    return metrics
+
+
+def _record_failure(tracker: Tracker, run_id: str, status: str, log_file: Optional[Path]) -> None:
+    exc_type, exc, _ = sys.exc_info()
+    try:
+        tracker.set_tags(run_id, {"error.class": exc_type.__name__ if exc_type else status,
+                                  "error.message": str(exc)[:5000] if exc else status})
+        tracker.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+        if log_file and log_file.is_file():
+            tracker.log_file(run_id, log_file)
+    finally:
+        tracker.finish(run_id, status)
