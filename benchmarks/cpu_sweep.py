@@ -1,79 +1,153 @@
-"""CPU benchmark: the README's 6-point GPTQ grid on the embedded model, timed, into docs/benchmarks.md.
+"""CPU benchmark: one default point and the README's 6-point GPTQ grid, phase by phase, float32 vs bfloat16.
 
-    python benchmarks/cpu_sweep.py            # ~25 min on 2 cores
-    python benchmarks/cpu_sweep.py --dry-run  # print the command only
+    python benchmarks/cpu_sweep.py                       # both dtypes where the CPU has bf16 (~25 min on 2 cores)
+    python benchmarks/cpu_sweep.py --dtypes bfloat16     # one dtype
+    python benchmarks/cpu_sweep.py --dry-run             # print the commands only
 
-Runs `python -m sweep method=gptq bits=2,3,4 group_size=16,128 -m` plus an fp16 and RTN reference
-into its own MLflow store under outputs/bench-cpu/, then appends a dated table (quality, memory and
-per-phase wall times read back from the store) to docs/benchmarks.md.
+For each dtype it measures, in the same process and minutes as the sweeps, the matmul peak of the
+model's largest calibration shape (8192×576 @ 576×1536, median of 10), then runs
+`python -m sweep model.dtype=D` (one point) and `python -m sweep method=gptq bits=2,3,4
+group_size=16,128 model.dtype=D -m` (the grid, with the fp16 baseline every sweep includes) into
+their own MLflow store under outputs/bench-cpu/, timing each command as a whole. Per run it reads
+back the phase times (load, calibrate, quantize, generate, eval) and turns the two compute-bound
+phases into achieved FLOP/s from the model's shapes:
+
+- quantize: the calibration forward passes (GPTQ's true-sequential passes, each stopped once its
+  group has its inputs) plus the Hessian products, per calibration token; the solver's column loop
+  is not counted (its arithmetic is small; its time is per-column overhead);
+- eval: every scored token through every decoder linear and the LM head (attention scores are not
+  counted: under 20% of the work at these lengths).
+
+Writes benchmarks/results/cpu-<date>.csv and prints a Markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sweep.config.schema import TrackingConfig  # noqa: E402
-from sweep.analysis.table import build_table  # noqa: E402
-from sweep.tracking.tracker import Tracker, sweep_runs  # noqa: E402
+from sweep.infra.hardware import cpu_has_bf16  # noqa: E402
+from sweep.tracking.tracker import Tracker, point_runs  # noqa: E402
 
-GRIDS = [
-    ["method=fp16,rtn", "bits=4"],
-    ["method=gptq", "bits=2,3,4", "group_size=16,128"],
-]
+GRID = ["method=gptq", "bits=2,3,4", "group_size=16,128"]
+PHASES = ["load", "calibrate", "quantize", "generate", "eval"]
+
+
+def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
+    a, b = torch.randn(8192, 576).to(dtype), torch.randn(576, 1536).to(dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * 8192 * 576 * 1536 / statistics.median(times) / 1e9
+
+
+def model_shapes() -> dict:
+    config = json.loads((Path.home() / ".cache/sweep/models/smollm2-135m-instruct/config.json").read_text())
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * (config.get("head_dim") or h // config["num_attention_heads"])
+    return {"h": h, "i": i, "kv": kv, "layers": config["num_hidden_layers"], "vocab": config["vocab_size"]}
+
+
+def quantize_flops_per_token(s: dict) -> float:
+    """Calibration forward passes of true-sequential GPTQ with early stops, plus the Hessian products."""
+    h, i, kv = s["h"], s["i"], s["kv"]
+    qkv, o, mlp_one = h * (h + 2 * kv), h * h, h * i
+    passes = (h * (h + kv)                    # q/k/v group: q and k run, the pass stops at v's input
+              + qkv                           # o_proj group: attention, stop at o_proj
+              + qkv + o + mlp_one             # gate/up: stop at up_proj
+              + qkv + o + 2 * mlp_one         # down_proj: stop at down_proj
+              + qkv + o + 3 * mlp_one)        # the layer's output for the next layer
+    hessians = 3 * h * h + i * i              # one per group: q/k/v, o, gate/up (h wide), down (i wide)
+    return 2 * s["layers"] * (passes + hessians)
+
+
+def eval_flops_per_token(s: dict) -> float:
+    h, i, kv = s["h"], s["i"], s["kv"]
+    return 2 * (s["layers"] * (h * (h + 2 * kv) + h * h + 3 * h * i) + h * s["vocab"])
+
+
+def eval_tokens(limit_wikitext: int = 2, limit_lambada: int = 200) -> int:
+    from transformers import AutoTokenizer
+
+    from sweep.data.vendored import data_file, wikitext_documents
+
+    tok = AutoTokenizer.from_pretrained(Path.home() / ".cache/sweep/models/smollm2-135m-instruct")
+    wikitext = sum(len(tok(d).input_ids) for d in wikitext_documents()[:limit_wikitext])
+    lines = data_file("lambada_openai.test.jsonl").read_text().splitlines()[:limit_lambada]
+    lambada = sum(len(tok(json.loads(line)["text"]).input_ids) for line in lines)
+    return wikitext + lambada
+
+
+def run(cmd, dry_run: bool) -> float:
+    print(" ".join(cmd), flush=True)
+    if dry_run:
+        return 0.0
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+    return time.perf_counter() - start
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="float32,bfloat16" if cpu_has_bf16() else "float32")
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--store", default=str(REPO / "outputs" / "bench-cpu"))
     args = ap.parse_args()
-    store = REPO / "outputs" / "bench-cpu"
-    uri = f"sqlite:///{store}/mlflow.db"
-    rows = []
-    for grid in GRIDS:
-        cmd = [sys.executable, "-m", "sweep", *grid, f"tracking.uri={uri}", "tracking.experiment=bench-cpu",
-               f"hydra.sweep.dir={store}/sweep-{len(rows)}", "-m"]
-        print(" ".join(cmd))
+    shapes = model_shapes()
+    tokens = eval_tokens()
+    rows, walls = [], []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        peak = matmul_gflops(dtype)
+        store = Path(args.store) / name
+        uri = f"sqlite:///{store}/mlflow.db"
+        common = [f"model.dtype={name}", f"tracking.uri={uri}", "tracking.experiment=bench-cpu"]
+        one = run([sys.executable, "-m", "sweep", *common, f"hydra.run.dir={store}/one"], args.dry_run)
+        grid = run([sys.executable, "-m", "sweep", *GRID, *common, f"hydra.sweep.dir={store}/grid", "-m"],
+                   args.dry_run)
+        walls.append({"dtype": name, "matmul_gflops": peak, "one_point_wall_s": one, "grid_wall_s": grid})
         if args.dry_run:
             continue
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, check=False)
-        rows.append((" ".join(grid), time.perf_counter() - start))
+        tracker = Tracker(TrackingConfig(uri=uri, experiment="bench-cpu"), "bench-cpu")
+        for r in point_runs(tracker):
+            m, tags = r.data.metrics, r.data.tags
+            calib_tokens = float(tags.get("calibration.tokens", 0) or 0)
+            row = {"dtype": name, "run": r.info.run_name, "method": tags.get("method"), "bits": tags.get("bits"),
+                   "group_size": tags.get("group_size"), "wikitext_word_ppl": m.get("wikitext.word_perplexity"),
+                   "lambada_ppl": m.get("lambada.perplexity"), "lambada_acc": m.get("lambada.acc"),
+                   **{f"{p}_s": m.get(f"time.{p}_s") for p in PHASES}}
+            if calib_tokens and m.get("time.quantize_s"):
+                row["quantize_gflops"] = quantize_flops_per_token(shapes) * calib_tokens / m["time.quantize_s"] / 1e9
+            if m.get("time.eval_s"):
+                row["eval_gflops"] = eval_flops_per_token(shapes) * tokens / m["time.eval_s"] / 1e9
+            row["matmul_peak_gflops"] = peak
+            rows.append(row)
     if args.dry_run:
         return 0
-    tracker = Tracker(TrackingConfig(uri=uri, experiment="bench-cpu"), "bench-cpu")
-    parents = tracker.client.search_runs([tracker.experiment_id], "tags.`sweep.role` = 'sweep'",
-                                         order_by=["attributes.start_time DESC"], max_results=len(GRIDS))
-    runs = [r for p in parents for r in sweep_runs(tracker, p.info.run_id)]
-    table = build_table(runs)
-    times = {r.info.run_id: r.data.metrics for r in runs}
-    table["load_s"] = [times[i].get("time.load_s") for i in table.run_id]
-    table["eval_s"] = [times[i].get("time.eval_s") for i in table.run_id]
-    cols = ["method", "bits", "group_size", "weights", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
-            "weight_mb", "peak_mb", "load_s", "quantize_s", "eval_s", "tokens_per_s", "ttft_ms"]
-    cpu = platform.processor() or platform.machine()
-    section = [
-        f"\n## CPU: the README's GPTQ grid on SmolLM2-135M ({time.strftime('%Y-%m-%d')})\n",
-        f"Machine: {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads. "
-        "Config defaults: eval=quick (2 WikiText-2 articles, 200 LAMBADA passages), calibration 32×256 tokens "
-        "of LAMBADA dev, bench=quick (3 prompts × 2 repeats, 32 new tokens, greedy).\n",
-        table[cols].round(3).to_markdown(index=False), "\n",
-        "Wall time per sweep (includes process start-up and model loads):\n",
-        *[f"- `python -m sweep {g} -m`: {s / 60:.1f} min" for g, s in rows], "",
-    ]
-    with open(args.out, "a") as f:
-        f.write("\n".join(section) + "\n")
-    print(f"appended to {args.out}")
+    table = pd.DataFrame(rows)
+    out = REPO / "benchmarks" / "results" / f"cpu-{time.strftime('%Y-%m-%d')}.csv"
+    table.to_csv(out, index=False)
+    print(pd.DataFrame(walls).round(1).to_markdown(index=False))
+    print()
+    print(table.round(2).to_markdown(index=False))
+    print(f"\nwrote {out}")
     return 0
 
 

@@ -1,10 +1,11 @@
 """`python -m sweep.report`: the summary table of a sweep, read back from the MLflow store.
 
-One row per grid point; columns in a stable order (docs/report.md). Writes CSV and Parquet (full
+One row per configuration (the runs that differ only in their seed, aggregated: mean ± std, 95%
+interval, significance against the best configuration and the fp16 baseline), and one row per run
+in `-runs` files; columns in a stable order (docs/report.md). Writes CSV and Parquet (full
 precision), Markdown and a self-contained HTML page with plots, prints the table, logs the files
 back to the sweep's parent run (artifacts `report/`) and prints a link to the sweep's view in the
-MLflow UI. Deltas are against the fp16 baseline of the same sweep, or else the newest finished
-baseline in the experiment with the same model and evaluation settings.
+MLflow UI. With no sweep in the store yet it reports the latest single runs.
 """
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from sweep.analysis.export import write_report
+from sweep.analysis.configs import summary_view
+from sweep.analysis.export import report_tables, write_report
 from sweep.analysis.sensitivity import write_heatmap
-from sweep.analysis.table import build_table, find_baseline, print_table
+from sweep.analysis.table import find_baseline, print_table
 from sweep.config.schema import TrackingConfig
 from sweep.tracking.tracker import TAG_SWEEP_ID, Tracker, find_sweep, latest_sweep, point_runs, sweep_runs
 from sweep.tracking.ui import browse_hint, share_view
+
+LATEST = 50   # runs reported when the store holds no sweep yet (newest first)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -44,22 +48,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         from sweep.analysis.recommend import print_recommendation  # loads the config tree and the methods
 
         return print_recommendation(tracker, args.budget_mb)
+    parent = None
     if args.all:
         runs = point_runs(tracker)
-        title, stem, parent = f"experiment {args.experiment}: all runs", "all", None
-    else:
-        parent = find_sweep(tracker, args.sweep_id) if args.sweep_id else latest_sweep(tracker)
+        title, stem = f"experiment {args.experiment}: all runs", "all"
+    elif args.sweep_id:
+        parent = find_sweep(tracker, args.sweep_id)
         if parent is None:
-            print(f"no sweep found in experiment {args.experiment!r} at {tracker.uri}: run "
-                  "`python -m sweep ... -m` first, or pass --all / --experiment", file=sys.stderr)
+            print(f"no sweep {args.sweep_id!r} in experiment {args.experiment!r} at {tracker.uri}", file=sys.stderr)
             return 1
+    else:
+        parent = latest_sweep(tracker)
+        if parent is None:
+            runs = point_runs(tracker)[:LATEST]
+            if not runs:
+                print(f"no runs in experiment {args.experiment!r} at {tracker.uri}: run `python -m sweep` first, "
+                      "or pass --experiment / --tracking-uri", file=sys.stderr)
+                return 1
+            print(f"no sweep in experiment {args.experiment!r} yet: reporting its latest {len(runs)} runs "
+                  "(single runs of `python -m sweep`)")
+            title, stem = f"experiment {args.experiment}: latest {len(runs)} runs", "latest"
+    sweep_id = None
+    if parent is not None:
         runs = sweep_runs(tracker, parent.info.run_id)
-        title = f"sweep {parent.data.tags.get(TAG_SWEEP_ID)} ({parent.info.run_name}, {len(runs)} runs)"
-        stem = f"sweep-{parent.data.tags.get(TAG_SWEEP_ID)}"
-    baseline = find_baseline(tracker, runs)
-    df = build_table(runs, baseline=baseline)
-    paths = write_report(df, Path(args.out) / stem, title, runs, baseline, tracker.client)
-    print_table(df, title)
+        sweep_id = parent.data.tags.get(TAG_SWEEP_ID)
+        title = f"sweep {sweep_id} ({parent.info.run_name}, {len(runs)} runs)"
+        stem = f"sweep-{sweep_id}"
+    per_run, per_config = report_tables(runs, tracker.client, sweep_id, find_baseline(tracker, runs))
+    paths = write_report(per_run, per_config, Path(args.out) / stem, title, runs, tracker.client)
+    print_table(summary_view(per_config), title)
     heatmap = write_heatmap(tracker.client, tracker.experiment_id, Path(args.out))
     paths += [heatmap] if heatmap else []
     for p in paths:

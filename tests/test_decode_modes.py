@@ -17,7 +17,7 @@ PROMPTS = ["Write a short poem about the sea.", "Hi", "What is the capital of Fr
 
 @pytest.fixture(scope="module")
 def small_model(embedded_model_dir):
-    cfg = make_config("model=smollm2-135m-4l")
+    cfg = make_config("model=smollm2-135m-4l", "model.dtype=float32")  # the loop's logic, not bf16 rounding
     return load_model(cfg.model, "cpu", cfg.cache_dir)
 
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, make_config
 
 EXPERIMENT = "smollm2-135m-4l"
-SMALL = ["model=smollm2-135m-4l", "method=rtn", "eval=none", "bench=none"]
+SMALL = ["model=smollm2-135m-4l", "method=rtn", "eval=none", "bench=none", "baseline=false"]
 
 
 def _store(tmp_path):
@@ -182,7 +182,7 @@ def test_nonfinite_metrics_get_a_status_tag_not_a_number(tmp_path, monkeypatch, 
     from sweep.pipeline.run import run_point
 
     def nan_eval(model, tokenizer, cfg, cache, seed=0):
-        return {"wikitext.word_perplexity": math.nan, "lambada.perplexity": math.inf, "lambada.acc": 0.5}, {}
+        return {"wikitext.word_perplexity": math.nan, "lambada.perplexity": math.inf, "lambada.acc": 0.5}, {}, {}
 
     monkeypatch.setattr(run_module, "evaluate", nan_eval)
     cfg = make_config("model=smollm2-135m-4l", "method=fp16", "bench=none", "eval.limit.lambada=1",

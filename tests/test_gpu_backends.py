@@ -183,7 +183,7 @@ def test_autoround_fake_export_of_a_float32_model_fails_instead_of_reporting_unq
     from sweep.models.loading import load_model
     from sweep.infra.progress import Progress
 
-    cfg = make_config("model=smollm2-135m-4l", "method=autoround", "bits=5", "group_size=32", "method.iters=0",
+    cfg = make_config("model=smollm2-135m-4l", "model.dtype=float32", "method=autoround", "bits=5", "group_size=32", "method.iters=0",
                       "calibration.nsamples=4", "calibration.seqlen=64")
     model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
     method = get_method("autoround")(cfg)

@@ -15,9 +15,9 @@ from sweep.data.tasks import write_task_dir
 
 
 def test_sweep_numbers_equal_lm_eval_cli(embedded_model_dir, tmp_path):
-    cfg = make_config("method=fp16", "eval.limit.wikitext=1", "eval.limit.lambada=30")
+    cfg = make_config("method=fp16", "model.dtype=float32", "eval.limit.wikitext=1", "eval.limit.lambada=30")
     model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
-    ours, _ = evaluate(model, tokenizer, cfg.eval, tmp_path / "ours")
+    ours, _, _ = evaluate(model, tokenizer, cfg.eval, tmp_path / "ours")
 
     task_dir = write_task_dir(tmp_path / "tasks")
     cli = Path(sys.executable).with_name("lm_eval")

@@ -1,64 +1,134 @@
-"""The report's table logic and HTML page on a hand-made table (no model, no store)."""
+"""The report's table logic and HTML page on hand-made runs and per-item results (no model, no store)."""
 from __future__ import annotations
 
 import math
 import re
 
+import numpy as np
 import pandas as pd
+import pytest
 
-from sweep.analysis.table import COLUMNS, DELTAS, TRAILING, rounded
+from sweep.analysis import configs
 from sweep.analysis.export import write_report
 from sweep.analysis.html import ReportData, Section, pareto_front, render_html
+from sweep.analysis.table import COLUMNS, DELTAS, TRAILING, rounded
+
+DOCS = 12
 
 
-def _table() -> pd.DataFrame:
-    rows = [("fp16", "unquantized", math.nan, math.nan, 30.0, 500.0, 20.0),
-            ("rtn", "simulated", 4, 128, 60.0, 150.0, 20.5),
-            ("gptq", "simulated", 4, 128, 45.0, 150.0, 20.1),   # beats rtn at the same size
-            ("gptq", "simulated", 3, 128, 400.0, 120.0, 20.3),
-            ("gptq", "simulated", 2, 128, math.nan, 90.0, 20.2)]  # no perplexity: not on the front
+_TEXT = np.random.default_rng(99)
+WORDS = _TEXT.integers(200, 2000, DOCS).astype(float)          # the test set: the same for every run
+DIFFICULTY = 3.5 + _TEXT.normal(0, 0.4, DOCS)                  # nats per word, per document
+PASSAGES = 50
+PASSAGE_NLL = _TEXT.gamma(2.0, 1.5, PASSAGES)
+
+
+def _items(rng: np.random.Generator, shift: float) -> dict:
+    """Per-item results of one run: every document's nll per word raised by `shift`, plus a little noise."""
+    nll = WORDS * (DIFFICULTY + shift + rng.normal(0, 0.02, DOCS))
+    return {"wikitext": {"doc_id": list(range(DOCS)), "nll": list(nll), "words": list(WORDS),
+                         "bytes": list(WORDS * 5.5)},
+            "lambada": {"doc_id": list(range(PASSAGES)), "nll": list(PASSAGE_NLL + shift + rng.normal(0, 0.1, PASSAGES)),
+                        "correct": list((rng.random(PASSAGES) < 0.4).astype(float))}}
+
+
+def _runs(rows) -> pd.DataFrame:
+    """A per-run table as build_table makes it, from (method, weights, bits, group, seed, ppl, mb, tps, group_key)."""
     df = pd.DataFrame([{col: None for col in [*COLUMNS, *DELTAS, *TRAILING]} for _ in rows])
-    for i, (method, weights, bits, group, ppl, mb, tps) in enumerate(rows):
-        df.loc[i, ["run", "status", "method", "weights", "run_id"]] = [f"{method}{bits}", "FINISHED", method, weights, f"id{i}"]
-        df.loc[i, ["bits", "group_size", "wikitext_word_ppl", "weight_mb", "in_memory_mb", "tokens_per_s",
-                   "lambada_acc"]] = [bits, group, ppl, mb, 500.0, tps, 0.3]
-    for col in ("bits", "group_size", "wikitext_word_ppl", "weight_mb", "in_memory_mb", "tokens_per_s", "lambada_acc"):
+    for i, (method, weights, bits, group, seed, ppl, mb, tps, key) in enumerate(rows):
+        df.loc[i, ["run", "status", "method", "weights", "run_id", "config_group", "config_hash", "baseline_hash",
+                   "seeded", "deterministic"]] = [f"{method}{bits}-s{seed}", "FINISHED", method, weights, f"id{i}",
+                                                  key, f"{key}-{seed}", "base", str(method == "gptq").lower(), "true"]
+        df.loc[i, ["bits", "group_size", "seed", "wikitext_word_ppl", "weight_mb", "in_memory_mb", "tokens_per_s",
+                   "lambada_acc", "lambada_ppl"]] = [bits, group, seed, ppl, mb, 500.0, tps, 0.3, 40.0]
+    for col in ("bits", "group_size", "wikitext_word_ppl", "weight_mb", "in_memory_mb", "tokens_per_s", "lambada_acc",
+                "lambada_ppl"):
         df[col] = df[col].astype(float)
+    df[["bits", "group_size"]] = df[["bits", "group_size"]].astype("Int64")
     df["delta_word_ppl"] = df["wikitext_word_ppl"] - 30.0
     return df
 
 
+ROWS = [("fp16", "unquantized", math.nan, math.nan, 0, 30.0, 500.0, 20.0, "base"),
+        ("rtn", "simulated", 4, 128, 0, 60.0, 150.0, 20.5, "rtn4"),
+        ("gptq", "simulated", 4, 128, 0, 44.0, 150.0, 20.1, "gptq4"),
+        ("gptq", "simulated", 4, 128, 1, 45.0, 150.0, 20.1, "gptq4"),
+        ("gptq", "simulated", 4, 128, 2, 49.0, 150.0, 20.1, "gptq4"),
+        ("gptq", "simulated", 3, 128, 0, 400.0, 120.0, 20.3, "gptq3"),
+        ("gptq", "simulated", 2, 128, 0, math.nan, 90.0, 20.2, "gptq2")]   # no perplexity: not on the front
+
+
 def test_pareto_front_keeps_only_undominated_points():
-    df = _table()
+    df = _runs(ROWS)
     front = pareto_front(df, "weight_mb", "wikitext_word_ppl")
-    assert df[front]["run"].tolist() == ["fp16nan", "gptq4", "gptq3"]
+    assert df[front]["run"].tolist() == ["fp16nan-s0", "gptq4-s0", "gptq3-s0"]
+
+
+def test_runs_that_differ_only_in_seed_are_one_configuration_with_their_spread():
+    df = _runs(ROWS)
+    table = configs.build_configurations(df, items={})
+    gptq4 = table[table["config_group"] == "gptq4"].iloc[0]
+    assert gptq4["runs"] == 3 and gptq4["seeds"] == "0,1,2"
+    assert gptq4["wikitext_word_ppl"] == pytest.approx(46.0)
+    assert gptq4["wikitext_word_ppl_std"] == pytest.approx(np.std([44.0, 45.0, 49.0], ddof=1))
+    assert (gptq4["wikitext_word_ppl_min"], gptq4["wikitext_word_ppl_max"]) == (44.0, 49.0)
+    assert math.isnan(table[table["config_group"] == "rtn4"].iloc[0]["wikitext_word_ppl_std"])  # one run: no spread
+    # Deltas against the baseline configuration, for every configuration.
+    assert gptq4["delta_word_ppl"] == pytest.approx(16.0)
+    assert table[table["method"] == "fp16"].iloc[0]["delta_word_ppl"] == 0
+    # Without per-item results nothing is tested, and the table says so instead of guessing.
+    assert table[table["config_group"] == "rtn4"].iloc[0]["vs_best"].startswith("untested")
+
+
+def test_verdicts_come_from_paired_items_and_seed_spread():
+    rng = np.random.default_rng(0)
+    df = _runs(ROWS)
+    shifts = {"base": 0.0, "rtn4": 0.5, "gptq4": 0.2, "gptq3": 2.0, "gptq2": 4.0}
+    items = {row["run_id"]: _items(rng, shifts[row["config_group"]]) for _, row in df.iterrows()}
+    # The per-run metric values follow the items, as they do in a real run.
+    for _, row in df.iterrows():
+        wt = items[row["run_id"]]["wikitext"]
+        df.loc[df["run_id"] == row["run_id"], "wikitext_word_ppl"] = math.exp(sum(wt["nll"]) / sum(wt["words"]))
+    table = configs.build_configurations(df, items).set_index("config_group")
+    assert table.loc["base", "vs_best"] == "best" and table.loc["base", "vs_fp16"] == "baseline"
+    assert table.loc["gptq3", "vs_best"].startswith("worse") and table.loc["gptq3", "p_vs_best"] < 0.05
+    assert table.loc["rtn4", "vs_fp16"].startswith("worse")
+    # RTN is not seeded: one run is complete. GPTQ with three seeds counts its seed spread.
+    assert "eval only" not in table.loc["gptq4", "vs_fp16"]
+    assert table.loc["gptq4", "wikitext_word_ppl_ci_low"] < table.loc["gptq4", "wikitext_word_ppl"] \
+        < table.loc["gptq4", "wikitext_word_ppl_ci_high"]
 
 
 def test_rounding_is_for_people_only(tmp_path):
-    df = _table()
+    df = _runs(ROWS)
     df.loc[1, "wikitext_word_ppl"] = 60.123456789
     assert rounded(df)["wikitext_word_ppl"][1] == "60.12"
-    paths = write_report(df, tmp_path / "r", "t")
-    assert pd.read_parquet(tmp_path / "r.parquet")["wikitext_word_ppl"][1] == 60.123456789
-    assert pd.read_csv(tmp_path / "r.csv")["wikitext_word_ppl"][1] == 60.123456789
-    assert "60.12 " in (tmp_path / "r.md").read_text() and "60.123" not in (tmp_path / "r.md").read_text()
-    assert [p.suffix for p in paths] == [".csv", ".md", ".parquet", ".html"]
+    table = configs.build_configurations(df, items={})
+    paths = write_report(df, table, tmp_path / "r", "t")
+    assert pd.read_parquet(tmp_path / "r-runs.parquet")["wikitext_word_ppl"][1] == 60.123456789
+    assert pd.read_csv(tmp_path / "r-runs.csv")["wikitext_word_ppl"][1] == 60.123456789
+    exact = pd.read_csv(tmp_path / "r.csv")
+    assert exact.loc[exact["config_group"] == "rtn4", "wikitext_word_ppl"].iloc[0] == 60.123456789
+    md = (tmp_path / "r.md").read_text()
+    assert "60.12 " in md and "60.123" not in md
+    assert "46.00 ± 2.65" in md  # gptq4's three seeds: mean ± std
+    assert [p.name for p in paths] == ["r.csv", "r.md", "r.parquet", "r-runs.csv", "r-runs.parquet", "r.html"]
 
 
 def test_html_page_is_self_contained_with_figures_and_extra_sections():
     import matplotlib.pyplot as plt
 
-    df = _table()
+    df = _runs(ROWS)
 
     def extra(data: ReportData):
         fig, ax = plt.subplots()
         ax.plot([0, 1], [0, 1])
         return Section("Layer sensitivity", fig, "an extra figure")
 
-    page = render_html(ReportData(df, "my sweep", baseline=df.iloc[0]), extra=[extra, lambda data: None])
+    page = render_html(ReportData(df, "my sweep", configs=configs.build_configurations(df, {})),
+                       extra=[extra, lambda data: None])
     assert page.count("data:image/png;base64,") == 4  # three built-in figures + the extra one
-    assert "Layer sensitivity" in page and "fp16 baseline" in page
+    assert "Layer sensitivity" in page and "fp16 baseline" in page and "error bars" in page
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "<script" not in text and "http" not in text  # nothing is fetched
     assert page.count("<th>weights</th>") >= 3  # every table says packed/simulated
-

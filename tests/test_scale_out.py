@@ -28,7 +28,7 @@ from sweep.pipeline.identity import config_hash
 from sweep.pipeline.objective import PENALTY
 
 GRID = ["model=smollm2-135m-4l", "method=rtn", "bits=2,3,4,8", "eval.tasks=[lambada]", "eval.limit.lambada=4",
-        "bench=none"]
+        "bench=none", "baseline=false"]
 EXPERIMENT = "smollm2-135m-4l"
 
 
@@ -160,6 +160,7 @@ def test_optuna_preset_prefers_the_point_within_the_memory_budget(tmp_path, monk
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", [
         "sweep", "+experiment=optuna_budget", "hydra/sweeper/sampler=grid", "model=smollm2-135m-4l", "method=rtn",
+        "model.dtype=float32",   # the budget below sits between the float32 model's 2-bit and 8-bit sizes
         "eval.tasks=[lambada]", "eval.limit.lambada=4", "bench=none", "objective.metric=lambada.perplexity",
         "objective.memory_budget_mb=118", "hydra.sweeper.params.method='choice(rtn)'",
         "hydra.sweeper.params.bits='choice(2,8)'", "hydra.sweeper.params.group_size='choice(128)'",
@@ -172,7 +173,9 @@ def test_optuna_preset_prefers_the_point_within_the_memory_budget(tmp_path, monk
     app()
     result = yaml.safe_load((tmp_path / "optuna" / "optimization_results.yaml").read_text())
     _, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
-    by_bits = {r.data.params["bits"]: r for r in children}
+    # A search includes the baseline too (run once, before the first trial), beside its trials.
+    assert [r.data.tags["method"] for r in children].count("fp16") == 1
+    by_bits = {r.data.params["bits"]: r for r in children if r.data.tags["method"] == "rtn"}
     assert set(by_bits) == {"2", "8"}
     assert by_bits["8"].data.metrics["memory.packed_weights_mb"] > 118 >= by_bits["2"].data.metrics["memory.packed_weights_mb"]
     assert result["best_params"]["bits"] == 2

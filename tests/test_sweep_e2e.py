@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import EXPERIMENT, FAST, REPO, run_sweep as _sweep
 from sweep.data.vendored import CHECKSUMS
+from sweep.analysis.configs import config_columns
 from sweep.analysis.table import COLUMNS, DELTAS
 
 def _runs(tmp_path, role):
@@ -42,8 +43,15 @@ def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
         m = run.data.metrics
         for key in ("wikitext.word_perplexity", "wikitext.bits_per_byte", "lambada.perplexity", "lambada.acc",
                     "memory.weights_mb", "memory.packed_weights_mb", "memory.peak_mb", "memory.disk_mb",
-                    "latency.ttft_ms_p50", "latency.tokens_per_s", "latency.itl_ms_p50", "time.quantize_s"):
+                    "time.quantize_s", "time.eval_s", "lambada.acc_ci_low", "lambada.acc_stderr"):
             assert key in m, (run.data.tags["method"], key)
+        # Latency is timed where it says something: simulated weights decode at the unquantized model's
+        # speed, which the baseline measures; they keep their sample generations.
+        timed = ("latency.ttft_ms_p50", "latency.tokens_per_s", "latency.itl_ms_p50")
+        if run.data.tags["weights"] == "simulated":
+            assert not set(timed) & set(m) and "baseline measures it" in run.data.tags["latency.skipped"]
+        else:
+            assert set(timed) <= set(m)
         assert m["wikitext.word_perplexity"] > 1 and 0 <= m["lambada.acc"] <= 1
         # SmolLM2 ties its embedding to the head, which every decode step reads whole.
         assert m["memory.decode_read_mb"] == pytest.approx(m["memory.weights_mb"])
@@ -52,7 +60,7 @@ def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
                     "dtype", "sweep.config_hash"):
             assert tags.get(key), key
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "samples.json", "lm_eval_results.json", "latency_samples.json"} <= artifacts
+        assert {"config.yaml", "samples.json", "lm_eval_results.json", "eval_items.json"} <= artifacts
         # The evaluation data as dataset inputs, told apart by their checksums.
         inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
         assert inputs["wikitext-2-raw-v1/test"].dataset.digest == CHECKSUMS["wikitext-2-raw-v1.test.raw"][:16]
@@ -78,45 +86,51 @@ def test_report_reads_the_store_back(store):
                            f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "report")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    csv = next((tmp / "report").glob("sweep-*.csv"))
-    df = pd.read_csv(csv)
-    assert list(df.columns[:len(COLUMNS)]) == list(COLUMNS)
-    assert len(df) == 3
-    base = df[df.method == "fp16"].iloc[0]
+    csv = next(p for p in (tmp / "report").glob("sweep-*.csv") if not p.stem.endswith("-runs"))
+    runs_csv = csv.with_name(csv.stem + "-runs.csv")
+    # One row per run, in the documented column order ...
+    per_run = pd.read_csv(runs_csv)
+    assert list(per_run.columns[:len(COLUMNS)]) == list(COLUMNS)
+    assert len(per_run) == 3 and set(DELTAS) <= set(per_run.columns)
+    base = per_run[per_run.method == "fp16"].iloc[0]
     assert base["delta_word_ppl"] == 0
-    rtn = df[df.method == "rtn"].iloc[0]
+    rtn = per_run[per_run.method == "rtn"].iloc[0]
     assert rtn["delta_word_ppl"] == pytest.approx(rtn["wikitext_word_ppl"] - base["wikitext_word_ppl"])
-    assert set(DELTAS) <= set(df.columns)
+    # ... and one per configuration (here each ran once), with the configuration columns.
+    df = pd.read_csv(csv)
+    assert list(df.columns) == config_columns() and len(df) == 3 and set(df["runs"]) == {1}
+    assert df.loc[df.method == "fp16", "baseline"].iloc[0] == "baseline, ran in this sweep"
     md = csv.with_suffix(".md").read_text()
-    assert "simulated" in md and "unquantized" in md
+    assert "simulated" in md and "unquantized" in md and "vs_best" in md
     # CSV and Parquet hold the store's numbers unrounded, same columns in the same order.
     _, children = _runs(tmp, "point")
     logged_ppl = {r.info.run_id: r.data.metrics["wikitext.word_perplexity"] for r in children}
-    parquet = pd.read_parquet(csv.with_suffix(".parquet"))
-    exact = pd.read_csv(csv)
-    assert list(parquet.columns) == list(df.columns)
-    for table in (parquet, exact):
+    parquet = pd.read_parquet(runs_csv.with_suffix(".parquet"))
+    assert list(parquet.columns) == list(per_run.columns)
+    for table in (parquet, per_run):
         assert dict(zip(table["run_id"], table["wikitext_word_ppl"])) == logged_ppl
     assert "data:image/png;base64," in csv.with_suffix(".html").read_text()
     # The report went back to the sweep's parent run.
     client, parents = _runs(tmp, "sweep")
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {f"report/{csv.stem}.{ext}" for ext in ("csv", "md", "parquet", "html")} <= logged
+    assert f"report/{runs_csv.name}" in logged
     summary = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
-    assert {"summary/summary.html", "summary/summary.parquet"} <= summary
+    assert {"summary/summary.html", "summary/summary.parquet", "summary/summary-runs.csv"} <= summary
 
 
 def test_relaunch_skips_finished_points(store):
     tmp, _ = store
     proc = _sweep(tmp, "again", "method=rtn,gptq", "bits=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("already finished") == 2
+    # The two points, and the baseline every sweep includes: the first sweep's fp16 run is reused.
+    assert proc.stderr.count("already finished") == 3 and "[baseline] fp16" in proc.stderr
     _, children = _runs(tmp, "point")
     assert len(children) == 3  # nothing new was run
     _, parents = _runs(tmp, "sweep")
     newest = max(parents, key=lambda r: r.info.start_time)
     reused = [k for k in newest.data.tags if k.startswith("sweep.reused.")]
-    assert len(reused) == 2
+    assert len(reused) == 3
 
 
 def test_failing_grid_point_is_recorded_and_the_others_finish(tmp_path, monkeypatch, embedded_model_dir):

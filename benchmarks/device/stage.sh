@@ -15,6 +15,16 @@ big="$tok model=llama-3.1-8b-shape eval=none bench=gpu bench.warmup=1 bench.repe
 one="$tok model=llama-3.2-1b-shape eval=none bench=gpu bench.repeats=1"
 int4="method.kernel=tinygemm_int4"
 case "$1" in
+  smoke)     # the pipeline on a random 1B shape (tokenizer only): imports, GPU path, store, report, before any long run
+    sweep $one method=fp16 bench.repeats=1 bench.disk_size=false
+    python3 -m sweep.report --all --no-log --out $STATE/report-smoke --experiment llama-3.2-1b-shape | tail -5 ;;
+  trust-determinism) # the embedded model, one GPTQ point twice (force=true) per backend: equal weights.sha256 and metrics?
+    sweep method=gptq bits=4 bench=none seed=0 baseline=false
+    sweep method=gptq bits=4 bench=none seed=0 baseline=false force=true
+    sweep method=gptq method.backend=torch bits=4 bench=none seed=0 baseline=false
+    sweep method=gptq method.backend=torch bits=4 bench=none seed=0 baseline=false force=true ;;
+  noise-floor-full) # the embedded model: the default GPTQ W4 g128 over 5 seeds, whole test sets (+ its fp16 baseline)
+    sweep +experiment=noise_floor eval=full bench=none -m ;;
   int4-check) # the tinygemm int4 kernel vs fp16 on the 8B linear shapes (CUDA graphs), before any long run
     python3 benchmarks/device/decode_profile.py --microbench --variants "" ;;
   1b-int4)   # 1B shape: GPTQ and AutoRound (RTN mode, GPTQ export) 4-bit on tinygemm; fp16 reference

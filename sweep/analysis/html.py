@@ -2,7 +2,8 @@
 
 Built-in figures: WikiText-2 perplexity vs bits per method, quality vs packed weight size with
 the Pareto front marked, decode tokens/s vs in-memory weights; each draws the fp16 baseline as a
-reference line. More sections plug in without touching this file: append a function to
+reference line. With the configuration table each point is a configuration (the mean over its
+seeds) and its error bar the 95% interval (evaluation and seed noise). More sections plug in without touching this file: append a function to
 `EXTRA_SECTIONS` (or pass `extra=`); it gets the `ReportData` and returns a `Section` or None
 (None: nothing to show for this sweep, e.g. no per-layer data).
 """
@@ -16,6 +17,7 @@ from typing import Any, List, Optional, Sequence
 
 import pandas as pd
 
+from sweep.analysis import configs as configs_table
 from sweep.analysis.sections import ReportData, Section, SectionFn
 from sweep.analysis.sensitivity import report_section as sensitivity_heatmap
 from sweep.analysis.table import rounded
@@ -25,6 +27,7 @@ WEIGHTS_NOTE = ("<b>weights</b>: <code>packed</code> = run by a low-bit kernel; 
                 "those of the unquantized model); <code>unquantized</code> = the baseline. <b>weight_mb</b> is the size "
                 "in the packed format (computed for simulated runs).")
 QUALITY = "wikitext_word_ppl"
+HIDDEN = ["config_hash", "config_group", "baseline_hash", "weights_sha256"]   # in the CSV, not on the page
 SUMMARY_COLUMNS = ["method", "weights", "bits", "group_size", "wikitext_word_ppl", "delta_word_ppl", "lambada_acc",
                    "delta_lambada_acc", "weight_mb", "delta_weight_mb", "tokens_per_s", "status"]
 
@@ -49,9 +52,14 @@ def render_html(data: ReportData, extra: Optional[Sequence[SectionFn]] = None) -
     sections = [s for s in (fn(data) for fn in (*BUILTIN_SECTIONS, *(EXTRA_SECTIONS if extra is None else extra)))
                 if s is not None]
     df = data.table
-    summary_cols = [c for c in SUMMARY_COLUMNS if c in df.columns]
-    parts = [f"<h1>{html.escape(data.title)}</h1>", f"<p>{_baseline_sentence(data.baseline)}</p>",
-             "<h2>Summary</h2>", _table_html(rounded(df[summary_cols])), f"<p class=note>{WEIGHTS_NOTE}</p>"]
+    if data.configs is not None:
+        summary = _table_html(configs_table.summary_view(data.configs))
+        notes = f"<p class=note>{html.escape(configs_table.NOTES)}</p><p class=note>{WEIGHTS_NOTE}</p>"
+    else:
+        summary = _table_html(rounded(df[[c for c in SUMMARY_COLUMNS if c in df.columns]]))
+        notes = f"<p class=note>{WEIGHTS_NOTE}</p>"
+    parts = [f"<h1>{html.escape(data.title)}</h1>", f"<p>{_baseline_sentence(data.baseline_point)}</p>",
+             "<h2>Summary</h2>", summary, notes]
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.figure is not None:
@@ -60,7 +68,7 @@ def render_html(data: ReportData, extra: Optional[Sequence[SectionFn]] = None) -
         elif section.caption:
             parts.append(f"<p>{section.caption}</p>")
         parts.append(section.html)
-    parts += ["<h2>All columns</h2>", _table_html(rounded(df.drop(columns=["config_hash"]))),
+    parts += ["<h2>Every run</h2>", _table_html(rounded(df.drop(columns=[c for c in HIDDEN if c in df.columns]))),
               f"<p class=note>{WEIGHTS_NOTE} Full precision: the CSV and Parquet files next to this page.</p>"]
     return _PAGE.format(title=html.escape(data.title), body="\n".join(parts))
 
@@ -68,9 +76,10 @@ def render_html(data: ReportData, extra: Optional[Sequence[SectionFn]] = None) -
 def _baseline_sentence(base: Optional[pd.Series]) -> str:
     if base is None:
         return "No finished fp16 baseline with the same model and evaluation settings: deltas are empty."
-    return (f"Deltas are against the fp16 baseline <code>{html.escape(str(base['run']))}</code> "
-            f"(run {html.escape(str(base['run_id']))}): WikiText-2 word perplexity {base[QUALITY]:.2f}, "
-            f"LAMBADA accuracy {base['lambada_acc']:.3f}, {base['weight_mb']:.1f} MB of weights.")
+    name = base.get("config", base.get("run"))
+    return (f"Deltas are against the fp16 baseline <code>{html.escape(str(name))}</code>: WikiText-2 word "
+            f"perplexity {base[QUALITY]:.2f}, LAMBADA accuracy {base['lambada_acc']:.3f}, "
+            f"{base['weight_mb']:.1f} MB of weights.")
 
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -87,11 +96,23 @@ def _png_base64(fig) -> str:
 
 
 # --- built-in figures ---------------------------------------------------------------------
-def _finished(df: pd.DataFrame, *cols: str) -> pd.DataFrame:
-    ok = df["status"] == "FINISHED"
+def _plotted(data: ReportData, *cols: str) -> pd.DataFrame:
+    df = data.points
+    ok = pd.Series(True, index=df.index)
     for col in cols:
         ok &= df[col].notna()
-    return df[ok].astype({"bits": float, "group_size": float})  # nullable Int64 → float (NaN) for matplotlib
+    # nullable integers (blank for fp16) → float with NaN, which matplotlib takes
+    return df[ok].assign(**{c: pd.to_numeric(df.loc[ok, c], errors="coerce").astype(float) for c in ("bits", "group_size")})
+
+
+def _error_bars(df: pd.DataFrame, col: str):
+    """Asymmetric error bars from the `<col>_ci_low/high` columns (absent or blank: none)."""
+    low, high = f"{col}_ci_low", f"{col}_ci_high"
+    if low not in df or high not in df or df[[low, high]].isna().all().all():
+        return None
+    lower = (df[col] - df[low].astype(float)).clip(lower=0).fillna(0)
+    upper = (df[high].astype(float) - df[col]).clip(lower=0).fillna(0)
+    return [lower.to_numpy(), upper.to_numpy()]
 
 
 def _series_label(method: str, group_size: Any, weights: str) -> str:
@@ -100,6 +121,8 @@ def _series_label(method: str, group_size: Any, weights: str) -> str:
 
 
 def _point_label(row: pd.Series) -> str:
+    if "config" in row and isinstance(row["config"], str):
+        return row["config"]
     if pd.isna(row["bits"]):
         return row["method"]
     group = "ch" if row["group_size"] == -1 else f"g{int(row['group_size'])}"
@@ -123,15 +146,16 @@ def _figure():
 
 
 def perplexity_vs_bits(data: ReportData) -> Optional[Section]:
-    df = _finished(data.table, "bits", QUALITY)
+    df = _plotted(data, "bits", QUALITY)
     if df.empty:
         return None
     fig, ax = _figure()
     for (method, group, weights), part in df.groupby(["method", "group_size", "weights"], dropna=False):
         part = part.sort_values("bits")
-        ax.plot(part["bits"], part[QUALITY], marker="o" if weights == "packed" else "s",
-                fillstyle="full" if weights == "packed" else "none", label=_series_label(method, group, weights))
-    _baseline_line(ax, data.baseline, QUALITY)
+        ax.errorbar(part["bits"], part[QUALITY], yerr=_error_bars(part, QUALITY), capsize=3,
+                    marker="o" if weights == "packed" else "s", fillstyle="full" if weights == "packed" else "none",
+                    label=_series_label(method, group, weights))
+    _baseline_line(ax, data.baseline_point, QUALITY)
     ax.set_yscale("log")
     ax.set_xticks(sorted(df["bits"].unique()))
     ax.set(xlabel="bits per weight", ylabel="WikiText-2 word perplexity (log)",
@@ -139,19 +163,22 @@ def perplexity_vs_bits(data: ReportData) -> Optional[Section]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return Section("WikiText-2 perplexity vs bits", fig,
-                   "One line per method and group size; hollow markers are simulated weights.")
+                   "One line per method and group size; hollow markers are simulated weights; error bars are the "
+                   "95% interval (evaluation and seed noise).")
 
 
 def quality_vs_memory(data: ReportData) -> Optional[Section]:
-    df = _finished(data.table, "weight_mb", QUALITY)
-    if data.baseline is not None and data.baseline["run_id"] not in set(df["run_id"]):
-        df = pd.concat([df, data.baseline.to_frame().T], ignore_index=True).infer_objects()
+    df = _plotted(data, "weight_mb", QUALITY)
+    base = data.baseline_point
+    if data.baseline is not None and not (df["method"] == "fp16").any():
+        df = pd.concat([df, base.to_frame().T], ignore_index=True).infer_objects()
     if df.empty:
         return None
     front = pareto_front(df, "weight_mb", QUALITY)
     fig, ax = _figure()
     for method, part in df.groupby("method"):
-        ax.scatter(part["weight_mb"], part[QUALITY], label=method, s=36, zorder=3)
+        ax.errorbar(part["weight_mb"], part[QUALITY], yerr=_error_bars(part, QUALITY), fmt="o", capsize=3,
+                    markersize=6, label=method, zorder=3)
     on_front = df[front].sort_values("weight_mb")
     ax.plot(on_front["weight_mb"], on_front[QUALITY], color="crimson", drawstyle="steps-post", linewidth=1.2,
             zorder=2, label="Pareto front")
@@ -159,21 +186,24 @@ def quality_vs_memory(data: ReportData) -> Optional[Section]:
     for _, row in df.iterrows():
         ax.annotate(_point_label(row), (row["weight_mb"], row[QUALITY]), textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
-    _baseline_line(ax, data.baseline, QUALITY)
+    _baseline_line(ax, base, QUALITY)
     ax.set_yscale("log")
     ax.set(xlabel="weight size in the packed format (MB)", ylabel="WikiText-2 word perplexity (log)",
            title="Quality vs weight memory (lower left is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    table = df[front].sort_values("weight_mb")[["run", "method", "weights", "bits", "group_size", "weight_mb",
-                                                QUALITY, "delta_word_ppl"]]
+    name = "config" if "config" in df else "run"
+    shown = [c for c in (name, "method", "weights", "bits", "group_size", "weight_mb", QUALITY, "delta_word_ppl",
+                         "vs_best") if c in df]
+    table = df[front].sort_values("weight_mb")[shown]
     return Section("Quality vs weight memory", fig,
-                   "Circled points are on the Pareto front: no other run is both smaller and better.",
+                   "Circled points are on the Pareto front: no other point is both smaller and better. A front "
+                   "point whose vs_best says <code>same</code> is within the noise of the best one.",
                    "<h3>Pareto front</h3>" + _table_html(rounded(table)))
 
 
 def speed_vs_memory(data: ReportData) -> Optional[Section]:
-    df = _finished(data.table, "in_memory_mb", "tokens_per_s")
+    df = _plotted(data, "in_memory_mb", "tokens_per_s")
     if df.empty:
         return None
     fig, ax = _figure()
@@ -183,7 +213,7 @@ def speed_vs_memory(data: ReportData) -> Optional[Section]:
     for _, row in df.iterrows():
         ax.annotate(_point_label(row), (row["in_memory_mb"], row["tokens_per_s"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
-    _baseline_line(ax, data.baseline, "tokens_per_s")
+    _baseline_line(ax, data.baseline_point, "tokens_per_s")
     ax.set(xlabel="weights in memory as run (MB)", ylabel="decode tokens/s (batch 1)",
            title="Speed vs memory (upper left is better)")
     ax.grid(True, alpha=0.3)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from sweep.tracking.tracker import TAG_CONFIG_HASH, Tracker
+from sweep.tracking.tracker import TAG_BASELINE_HASH, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_SEEDED, TAG_SWEEP_ID, Tracker
 
 # column → (source, key): where each column comes from in an MLflow run.
 COLUMNS: Dict[str, tuple] = {
@@ -29,11 +29,19 @@ COLUMNS: Dict[str, tuple] = {
     "sym": ("param", "sym"),
     "damp_percent": ("param", "damp_percent"),
     "desc_act": ("param", "desc_act"),
+    "seed": ("param", "seed"),
+    "calibration": ("tag", "calibration"),
     "wikitext_word_ppl": ("metric", "wikitext.word_perplexity"),
+    "wikitext_word_ppl_ci_low": ("metric", "wikitext.word_perplexity_ci_low"),    # 95%, bootstrap over documents
+    "wikitext_word_ppl_ci_high": ("metric", "wikitext.word_perplexity_ci_high"),
     "wikitext_byte_ppl": ("metric", "wikitext.byte_perplexity"),
     "wikitext_bits_per_byte": ("metric", "wikitext.bits_per_byte"),
     "lambada_ppl": ("metric", "lambada.perplexity"),
+    "lambada_ppl_ci_low": ("metric", "lambada.perplexity_ci_low"),                # 95%, bootstrap over passages
+    "lambada_ppl_ci_high": ("metric", "lambada.perplexity_ci_high"),
     "lambada_acc": ("metric", "lambada.acc"),
+    "lambada_acc_ci_low": ("metric", "lambada.acc_ci_low"),
+    "lambada_acc_ci_high": ("metric", "lambada.acc_ci_high"),
     "weight_mb": ("metric", "memory.packed_weights_mb"),
     "in_memory_mb": ("metric", "memory.weights_mb"),
     "peak_mb": ("metric", "memory.peak_mb"),
@@ -48,6 +56,12 @@ COLUMNS: Dict[str, tuple] = {
     "graph_tokens_per_s": ("metric", "latency.graph.tokens_per_s"),
     "graph_bandwidth_fraction": ("metric", "latency.graph.bandwidth_fraction"),
     "model_init": ("tag", "model.init"),
+    # Reproducibility: whether every op was deterministic, and a checksum of the quantized weights.
+    "deterministic": ("tag", "deterministic"),
+    "weights_sha256": ("tag", "weights.sha256"),
+    "seeded": ("tag", TAG_SEEDED),
+    "config_group": ("tag", TAG_CONFIG_GROUP),
+    "baseline_hash": ("tag", TAG_BASELINE_HASH),
 }
 QUALITY_COLUMNS = ["wikitext_word_ppl", "wikitext_byte_ppl", "wikitext_bits_per_byte", "lambada_ppl", "lambada_acc"]
 DELTAS = {  # delta column → (column, baseline column)
@@ -56,7 +70,7 @@ DELTAS = {  # delta column → (column, baseline column)
     "delta_lambada_acc": "lambada_acc",
     "delta_weight_mb": "weight_mb",
 }
-TRAILING = ["config_hash", "run_id"]
+TRAILING = ["config_hash", "run_id", "reused"]
 # Settings that must match for a baseline from outside the sweep to be comparable.
 BASELINE_MATCH = ["model.path", "model.num_layers", "model.dtype", "eval.limit.wikitext", "eval.limit.lambada",
                   "eval.max_length", "device"]
@@ -73,12 +87,15 @@ def _value(run, source: str, key: str):
     return run.data.metrics.get(key, math.nan)
 
 
-def build_table(runs: Sequence, baseline=None) -> pd.DataFrame:
+def build_table(runs: Sequence, baseline=None, sweep_id: Optional[str] = None) -> pd.DataFrame:
+    """One row per run. `sweep_id`: the sweep the table is for; its `reused` column marks runs that
+    finished earlier, outside it (reused instead of re-run)."""
     rows = []
     for run in runs:
         row = {col: _value(run, *src) for col, src in COLUMNS.items()}
         row["config_hash"] = run.data.tags.get(TAG_CONFIG_HASH)
         row["run_id"] = run.info.run_id
+        row["reused"] = sweep_id is not None and run.data.tags.get(TAG_SWEEP_ID) != sweep_id
         rows.append(row)
     columns = list(COLUMNS) + list(DELTAS) + TRAILING
     if not rows:
@@ -94,7 +111,7 @@ def build_table(runs: Sequence, baseline=None) -> pd.DataFrame:
     df.loc[df["method"] != "gptq", ["damp_percent", "desc_act"]] = None
     df.loc[df["weights"] == "unquantized", ["sym"]] = None
     # Random-weight models measure memory and speed only: their quality numbers are noise.
-    df.loc[df["model_init"] == "random", QUALITY_COLUMNS] = math.nan
+    df.loc[df["model_init"] == "random", [c for c in df.columns if c.startswith(tuple(QUALITY_COLUMNS))]] = math.nan
     base = baseline_row(df, baseline)
     for delta, col in DELTAS.items():
         df[delta] = df[col] - base[col] if base is not None else math.nan
@@ -127,13 +144,13 @@ def find_baseline(tracker: Tracker, runs: Sequence):
     return None
 
 
-def write_table(df: pd.DataFrame, stem: Path) -> List[Path]:
-    """CSV and Parquet at full precision, Markdown rounded."""
+def write_table(df: pd.DataFrame, stem: Path, markdown: Optional[str] = None) -> List[Path]:
+    """CSV and Parquet at full precision; Markdown rounded (`markdown`, or the whole table rounded)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv, md, parquet = stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".parquet")
     df.to_csv(csv, index=False)
     df.to_parquet(parquet, index=False)
-    md.write_text(to_markdown(df) + "\n")
+    md.write_text((to_markdown(df) if markdown is None else markdown) + "\n")
     return [csv, md, parquet]
 
 
@@ -142,7 +159,7 @@ def rounded(df: pd.DataFrame) -> pd.DataFrame:
     shown = df.copy()
     for col in shown.columns:
         if pd.api.types.is_float_dtype(shown[col]):
-            digits = 4 if col in ("lambada_acc", "delta_lambada_acc", "wikitext_bits_per_byte") else 2
+            digits = 4 if col.startswith(("lambada_acc", "delta_lambada_acc", "wikitext_bits_per_byte", "p_vs")) else 2
             shown[col] = shown[col].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
         elif shown[col].isna().any():
             shown[col] = shown[col].astype(object).where(shown[col].notna(), "")
@@ -150,35 +167,39 @@ def rounded(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    kept = df.drop(columns=["run_id", "config_hash"])
+    kept = df.drop(columns=[c for c in ("run_id", "config_hash", "config_group", "baseline_hash", "weights_sha256")
+                            if c in df.columns])
     shown = rounded(kept)
     align = ["right" if pd.api.types.is_numeric_dtype(kept[c]) and not pd.api.types.is_bool_dtype(kept[c]) else "left"
              for c in kept.columns]
-    note = ("weights: `packed` = run by a low-bit kernel; `simulated` = quantize-dequantized values in the "
-            "original dtype (quality is real, speed and in-memory size are not those of a packed model); "
-            "weight_mb = size in the packed format (computed for simulated runs).")
-    return shown.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n\n" + note
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n\n" + WEIGHTS_NOTE
 
 
-def print_table(df: pd.DataFrame, title: str) -> None:
+WEIGHTS_NOTE = ("weights: `packed` = run by a low-bit kernel; `simulated` = quantize-dequantized values in the "
+                "original dtype (quality is real, speed and in-memory size are not those of a packed model); "
+                "weight_mb = size in the packed format (computed for simulated runs).")
+
+
+def print_table(view: pd.DataFrame, title: str) -> None:
+    """A table of text cells (e.g. sweep.analysis.configs.summary_view) in the terminal."""
     from rich.console import Console
     from rich.table import Table
 
-    cols = ["method", "weights", "bits", "group_size", "layer_bits", "avg_bits", "wikitext_word_ppl", "lambada_ppl", "lambada_acc",
-            "weight_mb", "peak_mb", "quantize_s", "tokens_per_s", "ttft_ms", "delta_word_ppl", "status"]
     table = Table(title=title, show_lines=False)
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("method", "weights", "status") else "right")
-    for _, row in df.iterrows():
-        cells = []
-        for col in cols:
-            v = row[col]
-            if isinstance(v, float):
-                cells.append("" if math.isnan(v) else (f"{v:.3f}" if col == "lambada_acc" else f"{v:.2f}"))
-            else:
-                cells.append("" if v is None else str(v))
-        table.add_row(*cells)
+    for col in view.columns:
+        table.add_column(col, justify="left" if view[col].map(lambda v: not _numeric_text(v)).any() else "right")
+    for _, row in view.iterrows():
+        table.add_row(*["" if v is None else str(v) for v in row])
     console = Console()
     if not console.is_terminal:  # a pipe or a log file: do not squeeze the table to 80 columns
-        console = Console(width=200)
+        console = Console(width=220)
     console.print(table)
+
+
+def _numeric_text(value) -> bool:
+    text = str(value).replace("±", "").replace(" ", "")
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text == ""

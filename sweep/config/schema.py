@@ -34,6 +34,7 @@ class ModelConfig:
     name: str = "smollm2-135m"
     # "embedded:<id>" (shipped through PyPI, see sweep/models.py), a local directory, or a Hub id.
     path: str = "embedded:smollm2-135m-instruct"
+    # auto: float16 on CUDA; on CPU bfloat16 where the cores have bf16 matrix instructions, else float32.
     dtype: str = "auto"
     # Keep only the first N decoder layers (a cheap, honest stand-in model for fast tests).
     num_layers: Optional[int] = None
@@ -63,13 +64,19 @@ class CalibrationConfig:
 @dataclass
 class EvalConfig:
     tasks: List[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    # The dtype the model is scored in: auto = as it was quantized and run (model.dtype); float32 /
+    # bfloat16 / float16 cast an unquantized or simulated model for the evaluation (packed models
+    # keep their kernels' dtype). The lm-eval parity test runs float32.
+    dtype: str = "auto"
     # Documents (wikitext) or examples (lambada) per task; null evaluates the whole test set.
     limit: Dict[str, Optional[int]] = field(default_factory=lambda: {"wikitext": 2, "lambada": 200})
     batch_size: int = 8
     # Context window for rolling perplexity; the model's own maximum when null.
     max_length: Optional[int] = 2048
-    # lm-eval's bootstrap for perplexity standard errors (0 = skip; it is slow on CPU).
-    bootstrap_iters: int = 0
+    # lm-eval's bootstrap for its perplexity standard errors (0 = none, and then lm-eval reports no
+    # stderr at all, not even accuracy's). sweep's own intervals (sweep/measure/uncertainty.py) come
+    # from the per-item results either way.
+    bootstrap_iters: int = 100
 
 
 @dataclass
@@ -90,6 +97,9 @@ class BenchConfig:
     # token chosen on the device, no host sync per step): what the weights and kernels cost.
     # "both" = eager + static (metrics latency.* and latency.static.*); "all" adds graph (latency.graph.*).
     mode: str = "eager"
+    # Time simulated (quantize-dequantized) weights too. They run at the unquantized model's speed,
+    # which the baseline measures, so by default they get their sample generations only.
+    simulated: bool = False
 
 
 @dataclass
@@ -137,6 +147,9 @@ class SweepConfig:
     # Skip grid points whose finished run is already in the store; force re-runs them.
     resume: bool = True
     force: bool = False
+    # Every sweep includes the unquantized baseline of its model, eval and device (reused from the
+    # store when a finished one matches, run once otherwise); false leaves it out.
+    baseline: bool = True
 
     @property
     def method_name(self) -> str:

@@ -1,14 +1,18 @@
 """What the user sees while a grid point runs: one line per phase with elapsed time, bars for long loops.
 
-Library logs (transformers, lm-eval, mlflow ...) go to the job's log file, not here (sweep/logs.py).
+Library logs (transformers, lm-eval, mlflow ...) go to the job's log file, not here
+(conf/hydra/job_logging/sweep.yaml; `library_logs_to` for work outside a Hydra job).
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable, Iterator, Optional, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -25,7 +29,8 @@ class Progress:
     def say(self, message: str) -> None:
         if self.enabled:
             elapsed = time.perf_counter() - self.started
-            self.console.print(f"[dim]{_fmt(elapsed)}[/dim] [bold]{self.label}[/bold] {message}")
+            # The label is text, not markup: "[baseline]" would otherwise vanish as an unknown style.
+            self.console.print(f"[dim]{_fmt(elapsed)}[/dim] [bold]{escape(self.label)}[/bold] {message}")
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -59,3 +64,24 @@ def _fmt(seconds: float) -> str:
     h, rest = divmod(int(seconds), 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+@contextmanager
+def library_logs_to(path: Path) -> Iterator[None]:
+    """Inside the block, library logs (transformers, lm-eval, mlflow ...) go to `path`, not the terminal,
+    as they do inside a Hydra job (conf/hydra/job_logging/sweep.yaml); for work the launching process
+    does itself, such as a sweep's baseline run."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    errors = logging.StreamHandler()
+    errors.setLevel(logging.ERROR)
+    root.handlers = [handler, errors]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers, root.level = saved_handlers, saved_level
+        handler.close()

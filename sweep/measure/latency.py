@@ -243,6 +243,20 @@ def _generate_timed(model, tokenizer, cfg: BenchConfig, mode: str, progress=None
     return result
 
 
+@torch.no_grad()
+def sample_generations(model, tokenizer, cfg: BenchConfig) -> List[Dict[str, str]]:
+    """One greedy completion per prompt, untimed: what the model says, without measuring how fast."""
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in cfg.prompts:
+        enc = _encode(tokenizer, prompt, cfg.chat_template, device)
+        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        samples.append({"prompt": prompt,
+                        "completion": tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)})
+    return samples
+
+
 def _eos_ids(model) -> List[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

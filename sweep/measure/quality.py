@@ -3,23 +3,37 @@
 The model object itself goes to lm-eval (`HFLM(pretrained=<model>)`), so what is scored is
 exactly what was quantized, with no save/reload in between. Tasks come from sweep/data/tasks
 (the vendored data), so nothing is downloaded.
+
+Each task also returns its per-item results (lm-eval's logged samples: one entry per WikiText
+document, one per LAMBADA passage), from which every metric gets a 95% bootstrap interval
+(sweep/measure/uncertainty.py) and which the report uses for paired comparisons. lm-eval's own
+standard errors are kept too (`lambada.acc_stderr` in closed form, `lambada.perplexity_stderr` by
+its bootstrap, which costs little on one process).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from sweep.config.schema import EvalConfig
 from sweep.data.tasks import LM_EVAL_TASKS, write_task_dir
+from sweep.measure.uncertainty import items_from_samples, metric_intervals
 
 log = logging.getLogger(__name__)
+
+# The per-item results of a run's evaluation, as an artifact (read back by sweep/analysis/significance.py).
+ITEMS_ARTIFACT = "eval_items.json"
 
 # lm-eval result keys → our metric names (the part after "<task>.")
 METRICS = {
     "wikitext": {"word_perplexity,none": "word_perplexity", "byte_perplexity,none": "byte_perplexity",
                  "bits_per_byte,none": "bits_per_byte"},
-    "lambada": {"perplexity,none": "perplexity", "acc,none": "acc", "acc_stderr,none": "acc_stderr"},
+    "lambada": {"perplexity,none": "perplexity", "acc,none": "acc", "acc_stderr,none": "acc_stderr",
+                "perplexity_stderr,none": "perplexity_stderr"},
 }
 
 
@@ -38,25 +52,39 @@ def task_manager(cache_dir: Path):
     return TaskManager(include_path=str(write_task_dir(cache_dir / "lm_eval_tasks")), include_defaults=False)
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig, cache_dir: Path, seed: int = 0) -> Tuple[Dict[str, float], Dict[str, Any]]:
-    """Run each configured task (each with its own limit); return (metrics, lm-eval's raw results per task)."""
+def evaluate(model, tokenizer, cfg: EvalConfig, cache_dir: Path,
+             seed: int = 0) -> Tuple[Dict[str, float], Dict[str, Any], Dict[str, Dict[str, list]]]:
+    """Run each configured task (each with its own limit).
+
+    Returns (metrics with their intervals, lm-eval's raw results per task, per-item results per task).
+    """
     import datasets
     import lm_eval
 
     if not cfg.tasks:
-        return {}, {}
+        return {}, {}, {}
     datasets.disable_progress_bars()  # "Generating test split" bars; lm-eval's own request bars stay
+    # lm-eval's bootstrap otherwise forks a process pool per metric: slower than the work for our sizes.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     lm = make_lm(model, tokenizer, cfg)
-    manager = task_manager(cache_dir)
+    names = {task: LM_EVAL_TASKS[task] for task in cfg.tasks}
+    # One lm-eval call for every task (its set-up, e.g. collecting environment info, costs ~1 s a call);
+    # each task's limit becomes its first `limit` documents, as lm-eval's `limit` would take them.
+    samples = {names[task]: list(range(limit)) for task, limit in cfg.limit.items()
+               if task in names and limit is not None}
+    printed = io.StringIO()  # lm-eval prints ("bootstrapping for stddev: ...") besides logging: to the log
+    with contextlib.redirect_stdout(printed):
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(names.values()), task_manager=task_manager(cache_dir), samples=samples or None,
+            bootstrap_iters=cfg.bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=True,
+        )
+    if printed.getvalue().strip():
+        log.info("lm-eval printed: %s", printed.getvalue().strip())
     metrics: Dict[str, float] = {}
     raw: Dict[str, Any] = {}
-    for task in cfg.tasks:
-        name = LM_EVAL_TASKS[task]
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[name], task_manager=manager, limit=cfg.limit.get(task),
-            bootstrap_iters=cfg.bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
-        )
+    items: Dict[str, Dict[str, list]] = {}
+    for task, name in names.items():
         results = out["results"][name]
         raw[task] = {"results": results, "n-samples": out.get("n-samples", {}).get(name),
                      "config": out.get("configs", {}).get(name), "versions": out.get("versions", {}).get(name)}
@@ -67,4 +95,6 @@ def evaluate(model, tokenizer, cfg: EvalConfig, cache_dir: Path, seed: int = 0) 
         n = (out.get("n-samples", {}).get(name) or {}).get("effective")
         if n is not None:
             metrics[f"{task}.samples"] = float(n)
-    return metrics, raw
+        items[task] = items_from_samples(task, out["samples"][name])
+    metrics.update(metric_intervals(items))
+    return metrics, raw, items

@@ -36,6 +36,9 @@ class QuantReport:
     model: Optional[nn.Module] = None
     saved_dir: Optional[str] = None
     metrics: Dict[str, float] = field(default_factory=dict)   # method-specific metrics, logged as they are
+    # Why this backend's result can differ between runs of the same config and seed (tag
+    # deterministic=false); None when it cannot, as far as the run can tell.
+    nondeterministic: Optional[str] = None
     artifacts: Dict[str, Any] = field(default_factory=dict)   # artifact file name → JSON-able content
 
     @property
@@ -57,6 +60,8 @@ class QuantMethod:
     # Which top-level knobs change this method's result; the others are left out of the run's identity.
     knobs: ClassVar[FrozenSet[str]] = frozenset()
     needs_calibration: ClassVar[bool] = False
+    # Whether a sweep over this method adds its fp16 baseline (a measurement such as sensitivity needs none).
+    compared_with_baseline: ClassVar[bool] = True
     # Method-specific options (the rest of conf/method/<name>.yaml), as a dataclass.
     Options: ClassVar[Optional[type]] = None
     # Capabilities, checked before anything runs: the bit widths it can produce, and whether a

@@ -25,6 +25,7 @@ class SensitivityOptions:
 
 class Sensitivity(QuantMethod):
     name = "sensitivity"
+    compared_with_baseline = False   # it leaves the model unquantized: nothing to compare
     ragged_groups = True  # torch RTN: a ragged last group gets its own scale
     knobs = frozenset({"bits", "group_size", "sym", "quantize_lm_head"})
     Options = SensitivityOptions

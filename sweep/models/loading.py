@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from sweep.config.schema import ModelConfig
+from sweep.infra.hardware import cpu_has_bf16
 from sweep.models.embedded import ModelSourceError, converted_dir, embedded_model_dir
 from sweep.quant.layers import decoder_layers
 
@@ -27,10 +28,14 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`model.dtype` as the run uses it. auto: float16 on CUDA; on CPU bfloat16 where the cores have
+    bf16 matrix instructions (AVX-512 BF16, AMX: several times float32's speed), else float32
+    (half-precision matmuls without them are slow or emulated)."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    # fp16 on accelerators; fp32 on CPU, where half-precision matmuls are slow or unsupported.
-    return torch.float16 if device.startswith("cuda") else torch.float32
+    if device.startswith("cuda"):
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def model_location(cfg: ModelConfig, cache_dir: str) -> str:

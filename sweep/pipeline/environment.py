@@ -10,6 +10,8 @@ from typing import Any, Dict
 
 import torch
 
+from sweep.infra.hardware import cpu_has_bf16
+
 PACKAGES = ("torch", "transformers", "lm_eval", "mlflow", "hydra-core", "gptqmodel", "auto-round")
 
 
@@ -24,6 +26,9 @@ def environment_tags(device: str) -> Dict[str, Any]:
     if device.startswith("cuda"):  # which physical GPU(s) this job saw (the gpus launcher pins one per job)
         tags["device.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
     tags["git.sha"] = git_sha()
+    tags.update(threads=torch.get_num_threads(), **{"threads.inter_op": torch.get_num_interop_threads(),
+                                                   "cpu.bf16": str(cpu_has_bf16()).lower(),
+                                                   "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "")})
     return tags
 
 

@@ -26,21 +26,23 @@ from sweep.backends.checkpoint import free_accelerator_memory, scratch_dir
 from sweep.config.schema import SweepConfig
 from sweep.data import calibration
 from sweep.infra.cache import cache_root
+from sweep.infra.determinism import deterministic
 from sweep.infra.progress import Progress, sweep_eta
 from sweep.infra.redact import public_config, redact_uri
 from sweep.measure import memory
-from sweep.measure.latency import bandwidth_fraction, device_bandwidth_gbps, measure_latency
-from sweep.measure.quality import evaluate
+from sweep.measure.latency import bandwidth_fraction, device_bandwidth_gbps, measure_latency, sample_generations
+from sweep.measure.quality import ITEMS_ARTIFACT, evaluate
 from sweep.methods import get_method
-from sweep.methods.base import PACKED, UNQUANTIZED, QuantReport
+from sweep.methods.base import PACKED, SIMULATED, UNQUANTIZED, QuantReport
 from sweep.models.loading import load_model, resolve_device, resolve_dtype
 from sweep.pipeline.environment import environment_tags
-from sweep.pipeline.identity import config_hash
+from sweep.pipeline.identity import baseline_config, config_group, config_hash, seeded
 from sweep.quant.layer_bits import average_bits
+from sweep.quant.layers import decoder_checksum
 from sweep.tracking.dataset_inputs import dataset_inputs
 from sweep.tracking.orphans import close_orphans, owner_tags
-from sweep.tracking.tracker import (TAG_CONFIG_HASH, TAG_NONFINITE, TAG_REUSED_PREFIX, TAG_ROLE, TAG_SWEEP_ID, Tracker,
-                                    flatten)
+from sweep.tracking.tracker import (TAG_BASELINE_HASH, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_NONFINITE,
+                                    TAG_REUSED_PREFIX, TAG_ROLE, TAG_SEEDED, TAG_SWEEP_ID, Tracker, flatten)
 from sweep.validation.model_fit import check_against_model
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,18 @@ class SweepContext:
     index: int
     total: int
     started: Optional[float] = None   # time.time() when the sweep (this launch of it) started
+    role: str = "point"               # "baseline": the fp16 run the sweep added for its deltas
+
+    def label(self) -> str:
+        return "[baseline]" if self.role == "baseline" else f"[{self.index + 1}/{self.total}]"
+
+
+class PointInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a grid point, after its run was closed as KILLED (run_id says which)."""
+
+    def __init__(self, run_id: str):
+        super().__init__(f"run {run_id} interrupted")
+        self.run_id = run_id
 
 
 @dataclass
@@ -108,9 +122,9 @@ def describe(cfg: SweepConfig) -> str:
 def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Optional[Path] = None) -> PointResult:
     label = describe(cfg)
     if ctx is not None:
-        label = f"[{ctx.index + 1}/{ctx.total}] {label}"
+        label = f"{ctx.label()} {label}"
     progress = Progress(label)
-    if ctx is not None and ctx.started:
+    if ctx is not None and ctx.started and ctx.role == "point":
         progress.say(sweep_eta(ctx.started, ctx.index, ctx.total))
     device = resolve_device(cfg.device)
     chash = config_hash(cfg, device)
@@ -127,8 +141,10 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
                 tracker.set_tags(ctx.parent_run_id, {TAG_REUSED_PREFIX + chash: previous.info.run_id})
             return PointResult("SKIPPED", previous.info.run_id, dict(previous.data.metrics))
 
-    tags = {TAG_ROLE: "point", TAG_CONFIG_HASH: chash, "method": cfg.method_name, "model": cfg.model.name,
-            "model.path": cfg.model.path, "device": device, **environment_tags(device), **owner_tags()}
+    tags = {TAG_ROLE: "point", TAG_CONFIG_HASH: chash, TAG_CONFIG_GROUP: config_group(cfg, device),
+            TAG_BASELINE_HASH: config_hash(baseline_config(cfg), device), TAG_SEEDED: str(seeded(cfg)).lower(),
+            "method": cfg.method_name, "model": cfg.model.name, "model.path": cfg.model.path, "device": device,
+            **environment_tags(device), **owner_tags()}
     if ctx is not None:
         tags[TAG_SWEEP_ID] = ctx.sweep_id
     run_id = tracker.create_run(describe(cfg), tags, parent_id=ctx.parent_run_id if ctx else None)
@@ -139,9 +155,9 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
         progress.say(f"MLflow run {run_id} in {redact_uri(tracker.uri)}")
         point = PointRun(cfg, device, tracker, run_id, progress, memory.PeakMemory(device), cache_root(cfg.cache_dir))
         metrics = _measure(point)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _record_failure(tracker, run_id, "KILLED", log_file)
-        raise
+        raise PointInterrupted(run_id) from exc
     except Exception as exc:  # noqa: BLE001 - any failure of one grid point must be recorded, not lost
         progress.say(f"[red]FAILED: {type(exc).__name__}: {exc}[/red]")
         _record_failure(tracker, run_id, "FAILED", log_file)
@@ -162,20 +178,25 @@ def _measure(point: PointRun) -> Dict[str, float]:
     method_cls = get_method(cfg.method_name)
     point.tracker.client.log_inputs(point.run_id, datasets=dataset_inputs(cfg, method_cls.needs_calibration))
     model, tokenizer = _load(point)
-    samples = _calibrate(point, tokenizer) if method_cls.needs_calibration else None
-    if samples is None:
-        point.tag({"calibration": "none"})
     workdir = tempfile.mkdtemp(prefix="quantize-", dir=scratch_dir(str(point.cache), "scratch"))
     try:
-        model, report = _quantize(point, model, tokenizer, samples, workdir)
+        # What must reproduce bit for bit runs under torch's deterministic algorithms; latency does not.
+        with deterministic() as nondeterministic_ops:
+            samples = _calibrate(point, tokenizer) if method_cls.needs_calibration else None
+            model, report = _quantize(point, model, tokenizer, samples, workdir)
+        if samples is None:
+            point.tag({"calibration": "none"})
         _record_quantization(point, model, report)
         if cfg.bench.repeats > 0:
-            _measure_latency(point, model, tokenizer)
+            _measure_latency(point, model, tokenizer, report)
         if cfg.eval.tasks:
-            _measure_quality(point, model, tokenizer)
+            with deterministic() as eval_ops:
+                _measure_quality(point, model, tokenizer, report)
+            nondeterministic_ops += [op for op in eval_ops if op not in nondeterministic_ops]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     del model
+    _record_determinism(point, report, nondeterministic_ops)
     return _log_metrics(point)
 
 
@@ -224,6 +245,8 @@ def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
                "bits": cfg.bits if quantized else "none",
                "group_size": cfg.group_size if quantized else "none",
                "layer_bits": ("mixed" if cfg.method.get("layer_bits") else "uniform") if quantized else "none"})
+    # One checksum of the quantized weights per run: equal checksums, bit-identical weights.
+    point.tag({"weights.sha256": decoder_checksum(model)})
     if report.layers:
         point.log_json(report.layers, "quantized_layers.json")
     if report.notes:
@@ -247,8 +270,16 @@ def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
         metrics["memory.disk_mb"] = memory.disk_size_mb(model)
 
 
-def _measure_latency(point: PointRun, model, tokenizer) -> None:
+def _measure_latency(point: PointRun, model, tokenizer, report: QuantReport) -> None:
     cfg, metrics = point.cfg, point.metrics
+    if report.weights == SIMULATED and not cfg.bench.simulated:
+        # Dequantized weights in the model's dtype decode exactly as fast as the unquantized model, whose
+        # run (the sweep's baseline) measures it: timing them again would report the same speed as theirs.
+        with point.phase("generate"):
+            point.log_json(sample_generations(model, tokenizer, cfg.bench), "samples.json")
+        point.tag({"latency.skipped": "simulated weights decode at the unquantized model's speed (the baseline "
+                                      "measures it); bench.simulated=true times them anyway"})
+        return
     with point.phase("generate"):
         latencies, latency_errors = measure_latency(model, tokenizer, cfg.bench, point.progress)
     for mode, error in latency_errors.items():
@@ -271,16 +302,36 @@ def _measure_latency(point: PointRun, model, tokenizer) -> None:
                     "new_tokens": latency.new_tokens}, "latency_samples.json")
 
 
-def _measure_quality(point: PointRun, model, tokenizer) -> None:
+def _measure_quality(point: PointRun, model, tokenizer, report: QuantReport) -> None:
+    wanted = point.cfg.eval.dtype
+    if wanted != "auto" and getattr(torch, wanted) != model.dtype:
+        if report.weights == PACKED:
+            raise ValueError(f"eval.dtype={wanted!r} cannot apply to a packed model: its kernels fix the dtype "
+                             f"({model.dtype}); use eval.dtype=auto")
+        model.to(getattr(torch, wanted))  # simulated or unquantized weights are plain tensors: cast them
+    point.tag({"eval.dtype": str(model.dtype).replace("torch.", "")})
     with point.phase("eval"):
-        quality, raw = evaluate(model, tokenizer, point.cfg.eval, point.cache, seed=point.cfg.seed)
+        quality, raw, items = evaluate(model, tokenizer, point.cfg.eval, point.cache, seed=point.cfg.seed)
     point.metrics.update(quality)
     point.metrics["time.eval_s"] = point.seconds("eval")
     point.log_json(raw, "lm_eval_results.json")
+    # Per document / per passage: the report's intervals over seeds and its paired comparisons read these.
+    point.log_json(items, ITEMS_ARTIFACT)
+
+
+def _record_determinism(point: PointRun, report: QuantReport, ops: List[str]) -> None:
+    """`deterministic=true` when no op of calibration, quantization or evaluation lacked a deterministic
+    implementation and the backend claims none of its own; else false, naming what was not."""
+    reasons = list(ops) + ([report.nondeterministic] if report.nondeterministic else [])
+    point.tag({"deterministic": str(not reasons).lower()})
+    if reasons:
+        point.tag({"deterministic.ops": ", ".join(reasons)[:5000]})
 
 
 def _log_metrics(point: PointRun) -> Dict[str, float]:
     metrics = point.metrics
+    for phase, seconds in point.progress.phase_seconds.items():  # time.load_s, time.calibrate_s, time.generate_s ...
+        metrics.setdefault(f"time.{phase}_s", seconds)
     metrics.update({f"memory.{k}": v for k, v in point.peaks.peaks.items()})
     metrics["memory.peak_mb"] = point.peaks.overall_peak_mb()
     bad = point.tracker.log_metrics(point.run_id, metrics)

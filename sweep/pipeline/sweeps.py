@@ -4,8 +4,15 @@
 process: before any job it enumerates the grid, validates every point (so a typo fails in
 milliseconds, not after hours of earlier points), creates the parent run and writes
 `sweep.json` into the sweep directory. Jobs, in this process or others, read that file to
-attach their child runs. After the last job it closes the parent, logs the summary table
-and makes the exit status say how many points failed.
+attach their child runs.
+
+Every sweep includes the unquantized baseline of each model / evaluation / device it covers
+(`baseline=true`, the default): a finished fp16 run with the same config hash is reused (the
+parent records it), otherwise it runs once, in this process, before the grid. So the deltas and
+`vs_fp16` of the summary are never empty in a normal sweep.
+
+After the last job it closes the parent, logs the summary tables and makes the exit status
+say how many points failed.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -24,12 +31,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from sweep.analysis.export import write_report
-from sweep.analysis.table import build_table, find_baseline
-from sweep.config.schema import ConfigError
+from sweep.analysis.configs import summary_view
+from sweep.analysis.export import report_tables, write_report
+from sweep.analysis.table import find_baseline, print_table
+from sweep.config.schema import ConfigError, SweepConfig
 from sweep.infra.interrupts import sigterm_as_interrupt
+from sweep.infra.progress import library_logs_to
 from sweep.infra.redact import public_overrides, redact_uri
-from sweep.pipeline.run import SweepContext
+from sweep.methods import get_method
+from sweep.models.loading import resolve_device
+from sweep.pipeline.identity import baseline_config, config_hash
+from sweep.pipeline.run import SweepContext, run_point
 from sweep.tracking.orphans import close_orphans, owner_tags
 from sweep.tracking.tracker import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 from sweep.tracking.ui import browse_hint, share_view
@@ -60,17 +72,35 @@ def is_grid(sweeper: DictConfig) -> bool:
     return str(sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
-def validate_grid(config_name: str, jobs: List[List[str]]) -> None:
+def validate_grid(config_name: str, jobs: List[List[str]]) -> List[SweepConfig]:
+    """Every grid point's validated config; raises ConfigError naming every invalid point."""
     from hydra import compose
 
-    problems = []
+    problems, configs = [], []
     for overrides in jobs:
         try:
-            check_against_model(to_sweep_config(compose(config_name=config_name, overrides=overrides)))
+            cfg = to_sweep_config(compose(config_name=config_name, overrides=overrides))
+            check_against_model(cfg)
+            configs.append(cfg)
         except ConfigError as exc:
             problems.append(f"{' '.join(overrides) or '(defaults)'}:\n    {str(exc).replace(chr(10), chr(10) + '    ')}")
     if problems:
         raise ConfigError(f"{len(problems)} of {len(jobs)} grid points are invalid; nothing was run.\n" + "\n".join(problems))
+    return configs
+
+
+def missing_baselines(configs: Sequence[SweepConfig]) -> List[SweepConfig]:
+    """The fp16 baseline of every point that asks for one (`baseline=true`) and whose baseline is not
+    itself a point of the grid: one per distinct model / evaluation / benchmark / device."""
+    in_grid, needed = set(), {}
+    for cfg in configs:
+        device = resolve_device(cfg.device)
+        if cfg.method_name == "fp16":
+            in_grid.add(config_hash(cfg, device))
+        elif cfg.baseline and get_method(cfg.method_name).compared_with_baseline:
+            base = baseline_config(cfg)
+            needed.setdefault(config_hash(base, device), base)
+    return [cfg for chash, cfg in needed.items() if chash not in in_grid]
 
 
 class ParentRunCallback(Callback):
@@ -103,14 +133,15 @@ class ParentRunCallback(Callback):
             sys.exit(1)
 
     def _start(self, config: DictConfig, config_name: str) -> None:
+        base = to_sweep_config(config)
         if is_grid(config.hydra.sweeper):
             jobs = grid_overrides(config)
-            validate_grid(config_name, jobs)
+            points = validate_grid(config_name, jobs)
             total = len(jobs)
         else:
             # A search (the Optuna sweeper) picks its points as it goes: each is validated when it runs.
+            points = [base]
             total = int(OmegaConf.select(config, "hydra.sweeper.n_trials", default=0) or 0)
-        base = to_sweep_config(config)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state_file = sweep_dir / SWEEP_FILE
@@ -129,9 +160,6 @@ class ParentRunCallback(Callback):
                  **owner_tags()})
             self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(overrides), "sweep.grid_size": total})
             state = {"sweep_id": sweep_id, "parent_run_id": self.parent_id}
-        state.update(total=total, tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name,
-                     started=time.time())
-        state_file.write_text(json.dumps(state, indent=2))
         self.started = time.perf_counter()
         # Hydra skips on_multirun_end when the launcher is interrupted (Ctrl-C, SIGTERM): close the
         # parent run on the way out instead, so the store never keeps a dead sweep RUNNING.
@@ -139,6 +167,14 @@ class ParentRunCallback(Callback):
         atexit.register(self._close_interrupted)
         console.print(f"[bold]sweep[/bold] {total} grid points → MLflow parent run {self.parent_id} "
                       f"(experiment {self.tracker.experiment_name!r}, {redact_uri(self.tracker.uri)})")
+        for baseline in missing_baselines(points):
+            log_file = sweep_dir / "baseline" / f"{config_hash(baseline, resolve_device(baseline.device))}.log"
+            with library_logs_to(log_file):
+                run_point(baseline, SweepContext(state["sweep_id"], self.parent_id, index=0, total=total,
+                                                 role="baseline"), log_file=log_file)
+        state.update(total=total, tracking_uri=redact_uri(self.tracker.uri), experiment=self.tracker.experiment_name,
+                     started=time.time())
+        state_file.write_text(json.dumps(state, indent=2))
 
     def _close_interrupted(self) -> None:
         if self.closed or self.tracker is None or self.parent_id is None:
@@ -157,12 +193,11 @@ class ParentRunCallback(Callback):
             return 0
         runs = sweep_runs(self.tracker, self.parent_id)
         failed = [r for r in runs if r.info.status != "FINISHED"]
-        baseline = find_baseline(self.tracker, runs)
-        table = build_table(runs, baseline=baseline)
         out_dir = Path(str(config.hydra.sweep.dir))
         sweep_id = self.tracker.client.get_run(self.parent_id).data.tags.get(TAG_SWEEP_ID)
-        title = f"sweep {sweep_id}: {len(runs)} runs"
-        paths = write_report(table, out_dir / "summary", title, runs, baseline, self.tracker.client)
+        per_run, per_config = report_tables(runs, self.tracker.client, sweep_id, find_baseline(self.tracker, runs))
+        title = f"sweep {sweep_id}: {len(per_config)} configurations, {len(runs)} runs"
+        paths = write_report(per_run, per_config, out_dir / "summary", title, runs, self.tracker.client)
         for path in paths:
             self.tracker.log_file(self.parent_id, path, "summary")
         self.tracker.log_metrics(self.parent_id, {"sweep.points": len(runs), "sweep.failed": len(failed),
@@ -170,8 +205,9 @@ class ParentRunCallback(Callback):
         if TAG_INTERRUPTED in self.tracker.client.get_run(self.parent_id).data.tags:
             self.tracker.set_tags(self.parent_id, {TAG_INTERRUPTED: "false"})
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
+        print_table(summary_view(per_config), title)
         console.print(f"[bold]sweep done[/bold]: {len(runs) - len(failed)} finished, {len(failed)} failed; "
-                      f"summary in {out_dir / 'summary.md'} and summary.html")
+                      f"summary in {out_dir / 'summary.md'} and summary.html; `python -m sweep.report` rebuilds it")
         console.print(f"  MLflow UI: {browse_hint(self.tracker.uri, share_view(self.tracker.client, self.tracker.experiment_id, sweep_id))}")
         for run in failed:
             console.print(f"  [red]{run.info.status}[/red] {run.info.run_name}: "

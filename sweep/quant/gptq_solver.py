@@ -3,7 +3,8 @@
 Given the layer's weight W (out × in) and H = 2/n Σ x xᵀ over calibration inputs, quantize the
 columns of W one at a time and spread each column's rounding error onto the columns not yet
 quantized, weighted by the inverse Hessian (Optimal Brain Quantization), with lazy block updates.
-Written from the paper's algorithm; runs on CPU and GPU alike.
+Written from the paper's algorithm; runs on CPU and GPU alike, always in float32 (whatever dtype the
+model runs in). Rows never interact: linears that share H (q/k/v, gate/up) can be solved stacked.
 """
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ class HessianAccumulator:
 @dataclass
 class GPTQResult:
     weight: torch.Tensor          # quantize-dequantized weight, original column order
-    loss: float                   # Σ (w - q)² / Hinv_diag²: the solver's own proxy for the output error
+    row_losses: torch.Tensor      # per output row: Σ (w - q)² / Hinv_diag² / 2, the solver's proxy for the output error
     damp_retries: int             # how often the damping had to be raised to make H positive definite
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_losses.sum())
 
 
 def gptq_quantize(
@@ -95,16 +100,17 @@ def gptq_quantize(
             d = Hinv1[i, i]
             q = grid.qdq(w.unsqueeze(1)).squeeze(1)
             Q1[:, i] = q
-            losses += (w - q) ** 2 / d**2 / 2
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
+        # Σ (w - q)² / d² / 2 over the block's columns, taken once per block instead of once per column.
+        losses += Err1.pow(2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(weight=Q, loss=float(losses.sum()), damp_retries=retries)
+    return GPTQResult(weight=Q, row_losses=losses, damp_retries=retries)
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp_percent: float, max_retries: int = 6):

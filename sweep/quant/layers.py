@@ -91,14 +91,45 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> List[torch.Tensor]:
     return outs
 
 
+def run_layer_until(layer: nn.Module, inputs: LayerInputs, modules: List[nn.Module]) -> None:
+    """Run each sample through `layer` only until every one of `modules` has received its input, then stop.
+
+    For calibration hooks (forward pre-hooks registered before this call, e.g. Hessian accumulators)
+    the rest of the layer is wasted work: q/k/v need only the input norm, o_proj the attention, the MLP
+    projections everything before them. Stopping there does the same arithmetic for what is kept, and
+    less than half the work of full passes over a true-sequential layer."""
+    pending: set = set()
+
+    def arrived(module, args):
+        pending.discard(id(module))
+        if not pending:
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(arrived) for m in modules]
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            pending.update(id(m) for m in modules)
+            try:
+                layer(hidden, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def sequential_groups(layer: nn.Module, inputs: LayerInputs, linears: Dict[str, nn.Linear]) -> List[List[str]]:
     """The layer's linears in the order they run, grouped by shared input (q/k/v, gate/up),
-    found by watching one forward pass, so no per-architecture table is needed."""
-    order: List[Tuple[str, int]] = []
+    found by watching one forward pass, so no per-architecture table is needed.
+
+    Linears share an input when they receive the same tensor object. The hook keeps every input
+    alive until the grouping is done: comparing addresses of tensors already freed let the
+    allocator's reuse of a freed block merge o_proj into q/k/v's group in some processes and not
+    others, so GPTQ's true-sequential order, and its result, changed from run to run."""
+    order: List[Tuple[str, torch.Tensor]] = []
     handles = []
     for name, mod in linears.items():
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, args, name=name: order.append((name, args[0].data_ptr()))))
+        handles.append(mod.register_forward_pre_hook(lambda m, args, name=name: order.append((name, args[0]))))
     try:
         with torch.no_grad():
             layer(inputs.hidden[0], **inputs.kwargs[0])
@@ -107,16 +138,16 @@ def sequential_groups(layer: nn.Module, inputs: LayerInputs, linears: Dict[str, 
             h.remove()
     groups: List[List[str]] = []
     seen = set()
-    last_ptr = None
-    for name, ptr in order:
+    last_input = None
+    for name, tensor in order:
         if name in seen:
             continue
         seen.add(name)
-        if groups and ptr == last_ptr:
+        if groups and tensor is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        last_input = tensor
     missing = [n for n in linears if n not in seen]
     if missing:  # linears the forward pass did not reach (e.g. unused experts) go last
         groups.append(missing)
@@ -129,3 +160,22 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def iter_layers(model: nn.Module) -> Iterator[Tuple[int, nn.Module]]:
     yield from enumerate(decoder_layers(model))
+
+
+def decoder_checksum(model: nn.Module) -> str:
+    """sha256 of every tensor in the decoder layers and lm_head, in name order: equal checksums mean
+    bit-identical quantized weights, whatever format (simulated or packed) holds them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    layers = decoder_layers(model)
+    tensors = {f"layers.{k}": v for k, v in layers.state_dict().items()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        tensors.update({f"lm_head.{k}": v for k, v in head.state_dict().items()})
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()

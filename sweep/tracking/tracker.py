@@ -26,6 +26,9 @@ KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssq
 TAG_SWEEP_ID = "sweep.id"
 TAG_ROLE = "sweep.role"              # "sweep" (parent) or "point" (child)
 TAG_CONFIG_HASH = "sweep.config_hash"
+TAG_CONFIG_GROUP = "sweep.config_group"    # the config hash without seeds: runs of one configuration
+TAG_BASELINE_HASH = "sweep.baseline_hash"  # config hash of the fp16 run this point is compared with
+TAG_SEEDED = "sweep.seeded"                # "true" when the seed can change the result (calibrated methods)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_REUSED_PREFIX = "sweep.reused."  # on a parent: config hash → id of the finished run it reused
 TAG_NONFINITE = "status.nonfinite_metrics"  # metrics that came out NaN/inf (not logged as numbers)
@@ -194,9 +197,9 @@ def find_sweep(tracker: Tracker, sweep_id: str):
 
 
 def point_runs(tracker: Tracker) -> List:
-    """Every grid point's run in the tracker's experiment."""
+    """Every grid point's run in the tracker's experiment, newest first."""
     return tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'point'",
-                                      max_results=5000)
+                                      order_by=["attributes.start_time DESC"], max_results=5000)
 
 
 def read_artifact(client, run_id: str, name: str) -> str:

@@ -104,6 +104,8 @@ def validate(cfg: SweepConfig) -> None:
             bad(f"eval.limit.{task}", limit, f"limits are keyed by task: {', '.join(EVAL_TASKS)}")
         elif limit is not None and limit < 1:
             bad(f"eval.limit.{task}", limit, "null (whole test set) or at least 1")
+    if cfg.eval.dtype not in DTYPES:
+        bad("eval.dtype", cfg.eval.dtype, f"one of {', '.join(DTYPES)}")
     if cfg.eval.batch_size < 1:
         bad("eval.batch_size", cfg.eval.batch_size, "at least 1")
     if cfg.eval.max_length is not None and cfg.eval.max_length < 16:

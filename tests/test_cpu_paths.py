@@ -1,0 +1,66 @@
+"""The CPU path: bfloat16 where the cores have it, float32 when asked, and a GPTQ calibration that does
+less work than full passes but the same arithmetic, bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config
+from sweep.data import calibration
+from sweep.infra.hardware import cpu_has_bf16
+from sweep.infra.progress import Progress
+from sweep.methods import get_method
+from sweep.models.loading import load_model, resolve_dtype
+from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
+from sweep.quant.layers import (capture_first_layer_inputs, decoder_layers, quantizable_linears, run_layer,
+                                sequential_groups)
+
+DTYPES = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
+
+
+def test_auto_dtype_follows_the_cpu_and_explicit_dtypes_win():
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.float16
+
+
+def _reference_gptq(model, samples, cfg):
+    """GPTQ as the paper writes it: for each true-sequential group, full passes through the layer with a
+    Hessian per linear, then one solve per linear."""
+    inputs = capture_first_layer_inputs(model, samples)
+    linears = quantizable_linears(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        mine = {n.split(f"layers.{index}.", 1)[1]: m for n, m in linears.items() if f".layers.{index}." in n}
+        for group in sequential_groups(layer, inputs, mine):
+            hessians = {n: HessianAccumulator(mine[n].in_features, mine[n].weight.device) for n in group}
+            handles = [mine[n].register_forward_pre_hook(lambda mod, args, n=n: hessians[n].add(args[0]))
+                       for n in group]
+            run_layer(layer, inputs)
+            for h in handles:
+                h.remove()
+            for n in group:
+                result = gptq_quantize(mine[n].weight.data, hessians[n].H, cfg.bits, cfg.group_size, cfg.sym,
+                                       cfg.damp_percent)
+                mine[n].weight.data.copy_(result.weight.to(mine[n].weight.dtype))
+        inputs.hidden = run_layer(layer, inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_gptq_calibration_gives_the_reference_weights_bit_for_bit(dtype, embedded_model_dir):
+    """Stopping each calibration pass once a group has its inputs, one Hessian per shared input and
+    stacked solves change what is computed, not how: every weight must equal the reference's."""
+    cfg = make_config("model=smollm2-135m-4l", "method=gptq", "bits=3", f"model.dtype={dtype}",
+                      "calibration.nsamples=6", "calibration.seqlen=48")
+    model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    reference, _ = load_model(cfg.model, "cpu", cfg.cache_dir)
+    original = {n: m.weight.clone() for n, m in quantizable_linears(reference).items()}
+    samples = calibration.build_samples(tokenizer, cfg.calibration)
+    get_method("gptq")(cfg).quantize(model, samples, Progress("fast", enabled=False))
+    with torch.no_grad():
+        _reference_gptq(reference, samples, cfg)
+    fast, ref = quantizable_linears(model), quantizable_linears(reference)
+    assert set(fast) == set(ref)
+    for name in fast:
+        assert torch.equal(fast[name].weight, ref[name].weight), name
+        assert not torch.equal(fast[name].weight, original[name]), name  # and it did quantize
