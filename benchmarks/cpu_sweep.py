@@ -116,20 +116,25 @@ def main() -> int:
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         peak = matmul_gflops(dtype)
-        store = Path(args.store) / name
-        uri = f"sqlite:///{store}/mlflow.db"
-        common = [f"model.dtype={name}", f"tracking.uri={uri}", "tracking.experiment=bench-cpu"]
-        one = run([sys.executable, "-m", "sweep", *common, f"hydra.run.dir={store}/one"], args.dry_run)
-        grid = run([sys.executable, "-m", "sweep", *GRID, *common, f"hydra.sweep.dir={store}/grid", "-m"],
-                   args.dry_run)
+        # The single point and the grid get stores of their own: in one store the grid would skip its
+        # W4 g128 point as already finished (resume) and its wall time would cover 6 points, not 7.
+        uris = {part: f"sqlite:///{Path(args.store) / name / part}/mlflow.db" for part in ("one", "grid")}
+        for part in uris:
+            (Path(args.store) / name / part).mkdir(parents=True, exist_ok=True)
+        common = [f"model.dtype={name}", "tracking.experiment=bench-cpu"]
+        one = run([sys.executable, "-m", "sweep", *common, f"tracking.uri={uris['one']}",
+                   f"hydra.run.dir={Path(args.store) / name / 'one'}"], args.dry_run)
+        grid = run([sys.executable, "-m", "sweep", *GRID, *common, f"tracking.uri={uris['grid']}",
+                    f"hydra.sweep.dir={Path(args.store) / name / 'grid'}", "-m"], args.dry_run)
         walls.append({"dtype": name, "matmul_gflops": peak, "one_point_wall_s": one, "grid_wall_s": grid})
         if args.dry_run:
             continue
-        tracker = Tracker(TrackingConfig(uri=uri, experiment="bench-cpu"), "bench-cpu")
-        for r in point_runs(tracker):
+        runs = [(part, r) for part, uri in uris.items()
+                for r in point_runs(Tracker(TrackingConfig(uri=uri, experiment="bench-cpu"), "bench-cpu"))]
+        for part, r in runs:
             m, tags = r.data.metrics, r.data.tags
             calib_tokens = float(tags.get("calibration.tokens", 0) or 0)
-            row = {"dtype": name, "run": r.info.run_name, "method": tags.get("method"), "bits": tags.get("bits"),
+            row = {"dtype": name, "part": part, "run": r.info.run_name, "method": tags.get("method"), "bits": tags.get("bits"),
                    "group_size": tags.get("group_size"), "wikitext_word_ppl": m.get("wikitext.word_perplexity"),
                    "lambada_ppl": m.get("lambada.perplexity"), "lambada_acc": m.get("lambada.acc"),
                    **{f"{p}_s": m.get(f"time.{p}_s") for p in PHASES}}

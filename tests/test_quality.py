@@ -9,6 +9,7 @@ lm-eval's CLI in tests/test_lm_eval_parity.py.
 from __future__ import annotations
 
 import copy
+import statistics
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def scored(embedded_model_dir, tmp_path_factory):
         "rtn4": ["method=rtn", "bits=4"],
         "rtn3": ["method=rtn", "bits=3"],
         "rtn2": ["method=rtn", "bits=2"],
-        "gptq3": ["method=gptq", "bits=3"],  # default calibration: 32 × 256 tokens
+        "gptq3": ["method=gptq", "bits=3"],  # the default calibration (32 × 256 tokens on CPU), three seeds
+        "gptq3-seed1": ["method=gptq", "bits=3", "seed=1"],
+        "gptq3-seed2": ["method=gptq", "bits=3", "seed=2"],
     }
     for name, overrides in settings.items():
         cfg = make_config("model=smollm2-135m", "group_size=128", *LIMITS, *overrides)
@@ -63,9 +66,18 @@ def test_lambada_orders_by_bits(scored):
     assert scored["rtn8"]["lambada.acc"] > scored["rtn2"]["lambada.acc"]
 
 
-def test_gptq_beats_rtn_at_three_bits(scored):
-    assert scored["gptq3"]["wikitext.word_perplexity"] < scored["rtn3"]["wikitext.word_perplexity"]
-    assert scored["gptq3"]["lambada.perplexity"] < scored["rtn3"]["lambada.perplexity"]
+def test_gptq_against_rtn_at_three_bits_judged_by_its_seed_spread(scored):
+    """Three calibration seeds of GPTQ with the default calibration (32 × 256 LAMBADA-dev tokens on CPU)
+    against RTN at 3 bits (RTN has no seed), as docs/calibration.md's study found it: on LAMBADA GPTQ
+    is better than RTN by more than the spread between its seeds; on WikiText-2, where that calibration
+    did not separate them, GPTQ's mean is no worse than RTN's by more than that spread."""
+    seeds = ("gptq3", "gptq3-seed1", "gptq3-seed2")
+    lambada = [scored[k]["lambada.perplexity"] for k in seeds]
+    assert scored["rtn3"]["lambada.perplexity"] - max(lambada) > max(lambada) - min(lambada), \
+        (lambada, scored["rtn3"]["lambada.perplexity"])
+    wikitext = [scored[k]["wikitext.word_perplexity"] for k in seeds]
+    assert statistics.mean(wikitext) - scored["rtn3"]["wikitext.word_perplexity"] < max(wikitext) - min(wikitext), \
+        (wikitext, scored["rtn3"]["wikitext.word_perplexity"])
 
 
 def test_baseline_is_a_trained_model(scored):

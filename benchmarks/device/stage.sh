@@ -25,6 +25,15 @@ case "$1" in
     sweep method=gptq method.backend=torch bits=4 bench=none seed=0 baseline=false force=true ;;
   noise-floor-full) # the embedded model: the default GPTQ W4 g128 over 5 seeds, whole test sets (+ its fp16 baseline)
     sweep +experiment=noise_floor eval=full bench=none -m ;;
+  calibration-gpu) # docs/calibration.md, GPU half, at the GPU default calibration size (128 x 2048): RTN vs GPTQ
+    # W3/W4 g128 with LAMBADA-dev and self-generated text, seed 0 then seed 1; (AutoRound: calibration-gpu-g32)
+    sweep method=rtn bits=3,4 group_size=128 bench=none -m
+    sweep method=gptq seed=0,1 bits=4,3 group_size=128 calibration=lambada_dev,self_generated calibration.generation.batch_size=128 bench=none -m
+    ;;
+  calibration-gpu-g32) # the same at g32 (AutoRound's groups must divide 576), seed 0: RTN, AutoRound, GPTQ W4
+    sweep method=rtn bits=4 group_size=32 bench=none
+    sweep method=autoround seed=0 bits=4 group_size=32 calibration=lambada_dev,self_generated calibration.generation.batch_size=128 bench=none -m
+    sweep method=gptq seed=0 bits=4 group_size=32 calibration=lambada_dev,self_generated calibration.generation.batch_size=128 bench=none -m ;;
   int4-check) # the tinygemm int4 kernel vs fp16 on the 8B linear shapes (CUDA graphs), before any long run
     python3 benchmarks/device/decode_profile.py --microbench --variants "" ;;
   1b-int4)   # 1B shape: GPTQ and AutoRound (RTN mode, GPTQ export) 4-bit on tinygemm; fp16 reference

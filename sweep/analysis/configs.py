@@ -32,7 +32,7 @@ STATS = ("std", "min", "max", "ci_low", "ci_high")
 # The ranking metric of vs_best / vs_fp16, in order of preference: the first one scored on enough items.
 RANKING = ["wikitext_word_ppl", "lambada_ppl"]
 IDENTITY = ["method", "backend", "weights", "kernel", "bits", "group_size", "layer_bits", "avg_bits", "sym",
-            "damp_percent", "desc_act", "calibration", "model_init"]
+            "damp_percent", "desc_act", "calibration", "calibration_tokens", "model_init"]
 COSTS = ["weight_mb", "in_memory_mb", "peak_mb", "quantize_s", "tokens_per_s", "ttft_ms", "static_tokens_per_s",
          "static_bandwidth_fraction", "graph_tokens_per_s", "graph_bandwidth_fraction"]
 DELTAS = {"delta_word_ppl": "wikitext_word_ppl", "delta_lambada_ppl": "lambada_ppl",
@@ -46,11 +46,15 @@ def config_columns() -> List[str]:
              *DELTAS, *VERDICTS, "config_group", "baseline_hash", "run_ids"])
 
 
-def _label(first: pd.Series) -> str:
+def _label(first: pd.Series, calibrations: int) -> str:
     if pd.isna(first["bits"]):
         return str(first["method"])
     group = "ch" if first["group_size"] == -1 else f"g{int(first['group_size'])}"
-    return f"{first['method']} {int(first['bits'])}b {group}"
+    label = f"{first['method']} {int(first['bits'])}b {group}"
+    # Several calibrations in one table (a calibration study): say which one each row is.
+    if calibrations > 1 and first.get("calibration") not in (None, "none") and not pd.isna(first.get("calibration")):
+        label += f" {first['calibration']}×{int(float(first['calibration_tokens']))}"
+    return label
 
 
 def build_configurations(runs: pd.DataFrame, items: Dict[str, Optional[dict]]) -> pd.DataFrame:
@@ -63,13 +67,16 @@ def build_configurations(runs: pd.DataFrame, items: Dict[str, Optional[dict]]) -
     if runs.empty:
         return pd.DataFrame(columns=columns)
     key = runs["config_group"].fillna(runs["config_hash"]).fillna(runs["run_id"])
+    calibrations = runs.loc[runs["calibration"].notna() & (runs["calibration"] != "none"),
+                            ["calibration", "calibration_tokens"]].drop_duplicates().shape[0]
     rows, pooled = [], {}
     for group, part in runs.groupby(key, sort=False):
         finished = part[part["status"] == "FINISHED"]
         first = (finished if len(finished) else part).iloc[0]
         row = {col: first.get(col) for col in IDENTITY}
-        row.update(config=_label(first), runs=len(finished), failed=int(len(part) - len(finished)),
-                   seeds=",".join(str(s) for s in sorted(set(finished["seed"].dropna()), key=str)),
+        row.update(config=_label(first, calibrations), runs=len(finished), failed=int(len(part) - len(finished)),
+                   seeds=",".join(sorted({str(s) for s in finished["seed"].dropna()},
+                                         key=lambda s: (len(s), s))),   # numeric order for integer seeds
                    deterministic=_all_true(finished["deterministic"]), config_group=group,
                    baseline_hash=first.get("baseline_hash"), run_ids=",".join(finished["run_id"]),
                    baseline=_baseline_note(finished) if first["method"] == "fp16" else "")
@@ -122,14 +129,21 @@ def baseline_rows(df: pd.DataFrame) -> Dict[str, int]:
     return {g: i for i, g in df.loc[df["method"] == "fp16", "config_group"].items() if df.loc[i, "runs"] > 0}
 
 
-def _add_deltas(df: pd.DataFrame) -> None:
+def baseline_of(df: pd.DataFrame, index) -> Optional[int]:
+    """The row index of row `index`'s fp16 baseline: the one its runs name (`sweep.baseline_hash`); for runs
+    from before that tag, the table's only baseline, if it has exactly one."""
     baselines = baseline_rows(df)
+    named = df.loc[index, "baseline_hash"]
+    if isinstance(named, str) and named:
+        return baselines.get(named)
+    return next(iter(baselines.values())) if len(baselines) == 1 else None
+
+
+def _add_deltas(df: pd.DataFrame) -> None:
     for delta in DELTAS:
         df[delta] = math.nan
     for i, row in df.iterrows():
-        base = baselines.get(row["baseline_hash"])
-        if base is None and row["method"] == "fp16":
-            base = i
+        base = i if row["method"] == "fp16" else baseline_of(df, i)
         if base is None:
             continue
         for delta, col in DELTAS.items():
@@ -159,14 +173,13 @@ def _add_verdicts(df: pd.DataFrame, pooled: Dict) -> None:
         return
     best_index = scored[col].idxmin() if metric.lower_is_better else scored[col].idxmax()
     best = pooled.get((df.loc[best_index, "config_group"], col))
-    baselines = baseline_rows(df)
     for i, row in scored.iterrows():
         mine = pooled.get((row["config_group"], col))
         if i == best_index:
             df.loc[i, "vs_best"] = "best"
         else:
             df.loc[i, ["vs_best", "p_vs_best"]] = _verdict(mine, best, metric.lower_is_better)
-        base = baselines.get(row["baseline_hash"])
+        base = baseline_of(df, i)
         if row["method"] == "fp16":
             df.loc[i, "vs_fp16"] = "baseline"
         elif base is not None:

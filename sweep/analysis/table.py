@@ -30,7 +30,9 @@ COLUMNS: Dict[str, tuple] = {
     "damp_percent": ("param", "damp_percent"),
     "desc_act": ("param", "desc_act"),
     "seed": ("param", "seed"),
-    "calibration": ("tag", "calibration"),
+    "calibration": ("tag", "calibration.source"),          # lambada_dev, self_generated, a file, hub:..., or none
+    "calibration_tokens": ("tag", "calibration.tokens"),     # nsamples × seqlen
+    "calibration_fingerprint": ("tag", "calibration.fingerprint"),  # hash of the windows themselves
     "wikitext_word_ppl": ("metric", "wikitext.word_perplexity"),
     "wikitext_word_ppl_ci_low": ("metric", "wikitext.word_perplexity_ci_low"),    # 95%, bootstrap over documents
     "wikitext_word_ppl_ci_high": ("metric", "wikitext.word_perplexity_ci_high"),

@@ -22,6 +22,11 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 EVAL_TASKS = ("wikitext", "lambada")
 MODEL_INITS = ("pretrained", "random")
 BENCH_MODES = ("eager", "static", "graph", "both", "all")
+CALIBRATION_SOURCES = ("lambada_dev", "self_generated")   # besides local files and hub:<dataset>
+# calibration.nsamples × calibration.seqlen when left null, by device type, chosen by docs/calibration.md's
+# study: on a GPU 128 windows beat 32 (H200, whole test sets), while 2048-token windows, the GPTQ paper's
+# size, did worse than 256 on the embedded model; on CPU 32 × 256 keeps a point to minutes.
+CALIBRATION_DEFAULTS = {"cpu": (32, 256), "cuda": (128, 256)}
 
 
 class ConfigError(ValueError):
@@ -49,16 +54,34 @@ class ModelConfig:
 
 
 @dataclass
+class SelfGenerationConfig:
+    """How the model writes its own calibration text (calibration.source=self_generated)."""
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    # Each sample starts from one of these, in turn: "" = the tokenizer's BOS token alone (a base
+    # model's own distribution), else a neutral opening after BOS.
+    openings: List[str] = field(default_factory=lambda: [""])
+    # For instruct models that expect a conversation: a user message wrapped in the model's chat
+    # template starts every sample instead (null: no template, the base-model way).
+    chat_prompt: Optional[str] = None
+    batch_size: int = 32
+
+
+@dataclass
 class CalibrationConfig:
-    # "lambada_dev" (vendored LAMBADA development split), a local .txt/.jsonl file, or "hub:<dataset>[:<config>]".
+    # "lambada_dev" (vendored LAMBADA development split), "self_generated" (the unquantized model writes
+    # it), a local .txt/.jsonl file, or "hub:<dataset>[:<config>]".
     source: str = "lambada_dev"
-    nsamples: int = 32
-    seqlen: int = 256
+    # null: the device's default (CALIBRATION_DEFAULTS: 32 × 256 on CPU, 128 × 256 on a GPU).
+    nsamples: Optional[int] = None
+    seqlen: Optional[int] = None
     seed: int = 0
     # Field read from .jsonl files and Hub datasets.
     text_field: str = "text"
     # Expected sha256 of a local source file: checked before anything runs (and part of the config hash).
     sha256: Optional[str] = None
+    generation: SelfGenerationConfig = field(default_factory=SelfGenerationConfig)
 
 
 @dataclass

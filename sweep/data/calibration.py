@@ -1,7 +1,10 @@
-"""Calibration samples: `nsamples` random windows of `seqlen` tokens from a text source, seeded.
+"""Calibration samples: `nsamples` windows of `seqlen` tokens, seeded, from a text source or from the model.
 
-Never the evaluation test split: the default is the LAMBADA *development* passages (disjoint
-from the LAMBADA test set, unrelated to WikiText).
+Sources: the LAMBADA *development* passages (`lambada_dev`, disjoint from the LAMBADA test set,
+unrelated to WikiText), text the unquantized model writes itself (`self_generated`,
+sweep/data/self_generated.py), a local .txt/.jsonl file, or a Hub dataset. Never an evaluation test
+split: validation refuses the files sweep evaluates on. Samples are cached with a checksum, keyed by
+everything that makes them (`cached_samples`), so a grid builds them once per seed and size.
 """
 from __future__ import annotations
 
@@ -11,11 +14,12 @@ import random
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from sweep.config.schema import CalibrationConfig
+from sweep.data import self_generated
 from sweep.data.vendored import CHECKSUMS, data_file
 from sweep.infra.cache import cached_tensor, sha256_file
 
@@ -24,6 +28,11 @@ def describe(cfg: CalibrationConfig) -> str:
     """The calibration source as it goes into the run's tags."""
     if cfg.source == "lambada_dev":
         return "lambada_dev (sweep/data/lambada.development.plain.txt, detokenized)"
+    if cfg.source == "self_generated":
+        gen = cfg.generation
+        start = f"chat prompt {gen.chat_prompt!r}" if gen.chat_prompt is not None else \
+            "openings " + ", ".join(repr(o) if o else "BOS" for o in gen.openings)
+        return f"self_generated (temperature {gen.temperature}, top-p {gen.top_p}, {start})"
     return cfg.source
 
 
@@ -87,15 +96,34 @@ def build_samples(tokenizer, cfg: CalibrationConfig) -> List[torch.Tensor]:
     return [ids[s:s + cfg.seqlen].unsqueeze(0) for s in starts]
 
 
-def cached_samples(tokenizer, cfg: CalibrationConfig, cache_dir: Path) -> List[torch.Tensor]:
-    """`build_samples`, computed once per (tokenizer, calibration config, source text) and then read back."""
+def cached_samples(tokenizer, cfg: CalibrationConfig, cache_dir: Path, model=None,
+                   model_fingerprint: Optional[Dict[str, Any]] = None) -> List[torch.Tensor]:
+    """The calibration windows, built once per (source, settings, tokenizer[, model]) and then read back.
+
+    `model` and `model_fingerprint` (what identifies its weights, dtype and device) are needed for
+    `self_generated`: the model writes the samples, so they are cached per model."""
     inputs = {"calibration": asdict(cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
               "source": source_fingerprint(cfg),
-              # Any change to how samples are drawn (this file) invalidates old entries.
-              "code": sha256_file(Path(__file__))}
-    windows = cached_tensor(cache_dir, "calibration", inputs,
-                            lambda: torch.cat(build_samples(tokenizer, cfg), dim=0))
+              # Any change to how samples are drawn invalidates old entries.
+              "code": [sha256_file(Path(__file__)), sha256_file(Path(self_generated.__file__))]}
+    if cfg.source == "self_generated":
+        if model is None or model_fingerprint is None:
+            raise ValueError("calibration.source=self_generated needs the model that writes the samples")
+        inputs["model"] = model_fingerprint
+
+        def build() -> torch.Tensor:
+            return self_generated.generate_windows(model, tokenizer, cfg.nsamples, cfg.seqlen, cfg.generation,
+                                                   cfg.seed)
+    else:
+        def build() -> torch.Tensor:
+            return torch.cat(build_samples(tokenizer, cfg), dim=0)
+    windows = cached_tensor(cache_dir, "calibration", inputs, build)
     return [row.unsqueeze(0) for row in windows]
+
+
+def fingerprint(samples: List[torch.Tensor]) -> str:
+    """A short hash of the windows themselves: two runs calibrated on the same tokens share it."""
+    return hashlib.sha256(torch.cat(samples).numpy().tobytes()).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer) -> Dict[str, Any]:
@@ -106,6 +134,8 @@ def tokenizer_fingerprint(tokenizer) -> Dict[str, Any]:
 def source_fingerprint(cfg: CalibrationConfig) -> str:
     if cfg.source == "lambada_dev":
         return CHECKSUMS["lambada.development.plain.txt"]
+    if cfg.source == "self_generated":
+        return "self_generated"  # the model's fingerprint goes into the key beside it
     if cfg.source.startswith("hub:"):
         return cfg.source  # a Hub dataset is identified by its name only
     return sha256_file(Path(cfg.source).expanduser())

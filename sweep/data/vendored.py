@@ -53,12 +53,23 @@ def wikitext_documents() -> List[str]:
     return ["\n".join(lines) + "\n" for lines in docs]
 
 
-def write_wikitext_jsonl(path: Path) -> Path:
+def wikitext_jsonl() -> str:
     """The articles as JSON lines with the field lm-eval's wikitext functions read (`page`)."""
+    return "".join(json.dumps({"page": page}) + "\n" for page in wikitext_documents())
+
+
+def write_wikitext_jsonl(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for page in wikitext_documents():
-            f.write(json.dumps({"page": page}) + "\n")
+    tmp.write_text(wikitext_jsonl(), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+@lru_cache(maxsize=None)
+def evaluation_checksums() -> Dict[str, str]:
+    """sha256 → name of every file the evaluation scores: the vendored test splits and the documents
+    file lm-eval reads. A calibration source with one of these checksums is a test split."""
+    return {CHECKSUMS["wikitext-2-raw-v1.test.raw"]: "the WikiText-2 test split",
+            CHECKSUMS["lambada_openai.test.jsonl"]: "the LAMBADA test split",
+            hashlib.sha256(wikitext_jsonl().encode("utf-8")).hexdigest(): "the WikiText-2 test documents lm-eval reads"}

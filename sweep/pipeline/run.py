@@ -34,7 +34,7 @@ from sweep.measure.latency import bandwidth_fraction, device_bandwidth_gbps, mea
 from sweep.measure.quality import ITEMS_ARTIFACT, evaluate
 from sweep.methods import get_method
 from sweep.methods.base import PACKED, SIMULATED, UNQUANTIZED, QuantReport
-from sweep.models.loading import load_model, resolve_device, resolve_dtype
+from sweep.models.loading import load_model, model_fingerprint, resolve_device, resolve_dtype
 from sweep.pipeline.environment import environment_tags
 from sweep.pipeline.identity import baseline_config, config_group, config_hash, seeded
 from sweep.quant.layer_bits import average_bits
@@ -182,10 +182,10 @@ def _measure(point: PointRun) -> Dict[str, float]:
     try:
         # What must reproduce bit for bit runs under torch's deterministic algorithms; latency does not.
         with deterministic() as nondeterministic_ops:
-            samples = _calibrate(point, tokenizer) if method_cls.needs_calibration else None
+            samples = _calibrate(point, model, tokenizer) if method_cls.needs_calibration else None
             model, report = _quantize(point, model, tokenizer, samples, workdir)
         if samples is None:
-            point.tag({"calibration": "none"})
+            point.tag({"calibration": "none", "calibration.source": "none"})
         _record_quantization(point, model, report)
         if cfg.bench.repeats > 0:
             _measure_latency(point, model, tokenizer, report)
@@ -215,11 +215,16 @@ def _load(point: PointRun) -> Tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def _calibrate(point: PointRun, tokenizer) -> List[torch.Tensor]:
+def _calibrate(point: PointRun, model, tokenizer) -> List[torch.Tensor]:
+    cfg = point.cfg
     with point.progress.phase("calibrate"):
-        samples = calibration.cached_samples(tokenizer, point.cfg.calibration, point.cache)
-    point.tag({"calibration": calibration.describe(point.cfg.calibration),
-               "calibration.tokens": sum(s.numel() for s in samples)})
+        # Self-generated text is written by this (still unquantized) model: cached per model, dtype, device.
+        samples = calibration.cached_samples(tokenizer, cfg.calibration, point.cache, model=model,
+                                             model_fingerprint=model_fingerprint(cfg.model, cfg.cache_dir,
+                                                                                 point.device))
+    point.tag({"calibration": calibration.describe(cfg.calibration), "calibration.source": cfg.calibration.source,
+               "calibration.tokens": sum(s.numel() for s in samples),
+               "calibration.fingerprint": calibration.fingerprint(samples)})
     return samples
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -45,6 +46,10 @@ def _calibration_input(cfg: SweepConfig):
         return _input(name, split, f"sweep/data/{file}", CHECKSUMS[file], "calibration", used)
     if src.startswith("hub:"):  # the content is not hashed here: the digest names the id only
         return _input(src[4:], "train", src, None, "calibration", used, source_type="hub")
+    if src == "self_generated":  # written by the model itself: named by the model and the sampling settings
+        settings = json.dumps({"model": cfg.model.path, **asdict(cfg.calibration.generation)}, sort_keys=True)
+        return _input("self_generated", "", f"model:{cfg.model.path}", hashlib.sha256(settings.encode()).hexdigest(),
+                      "calibration", {**used, **asdict(cfg.calibration.generation)}, source_type="model")
     path = Path(src).expanduser().resolve()
     return _input(path.name, "", str(path), hashlib.sha256(path.read_bytes()).hexdigest(), "calibration", used)
 

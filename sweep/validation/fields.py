@@ -11,13 +11,14 @@ import os
 from pathlib import Path
 from typing import Any, List
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sweep.config.schema import (BENCH_MODES, BITS_RANGE, DEVICES, DTYPES, EVAL_TASKS, MODEL_INITS, ConfigError,
-                                 SweepConfig)
+from sweep.config.schema import (BENCH_MODES, BITS_RANGE, CALIBRATION_DEFAULTS, CALIBRATION_SOURCES, DEVICES,
+                                 DTYPES, EVAL_TASKS, MODEL_INITS, ConfigError, SweepConfig)
 from sweep.data.tasks import DATA_FILES
-from sweep.data.vendored import DataIntegrityError, data_file
+from sweep.data.vendored import DataIntegrityError, data_file, evaluation_checksums
 from sweep.infra.cache import sha256_file
 from sweep.infra.redact import redact_uri
 from sweep.methods import available_methods, get_method
@@ -39,6 +40,17 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
     return obj
 
 
+def _resolve_calibration_size(cfg: SweepConfig) -> None:
+    """calibration.nsamples / seqlen left null take the device's default (CALIBRATION_DEFAULTS)."""
+    cal = cfg.calibration
+    if cal.nsamples is not None and cal.seqlen is not None:
+        return
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    nsamples, seqlen = CALIBRATION_DEFAULTS.get(device, CALIBRATION_DEFAULTS["cpu"])
+    cal.nsamples = nsamples if cal.nsamples is None else cal.nsamples
+    cal.seqlen = seqlen if cal.seqlen is None else cal.seqlen
+
+
 def _without_hydra(cfg: DictConfig) -> DictConfig:
     keys = [k for k in cfg.keys() if k != "hydra"]
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
@@ -51,7 +63,9 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 
 
 def validate(cfg: SweepConfig) -> None:
-    """Check every field that can be checked without a model; report all problems at once."""
+    """Check every field that can be checked without a model; report all problems at once.
+    (Fields left to a device default, calibration.nsamples/seqlen, are resolved first.)"""
+    _resolve_calibration_size(cfg)
     errors: List[str] = []
 
     def bad(field_name: str, value: Any, allowed: str) -> None:
@@ -135,20 +149,35 @@ def _validate_calibration(cfg: SweepConfig, bad) -> None:
         bad("calibration.nsamples", cal.nsamples, "at least 1")
     if cal.seqlen < 8:
         bad("calibration.seqlen", cal.seqlen, "at least 8 tokens")
+    gen = cal.generation
+    if gen.temperature <= 0:
+        bad("calibration.generation.temperature", gen.temperature, "greater than 0 (1.0 samples the model as it is)")
+    if not 0 < gen.top_p <= 1:
+        bad("calibration.generation.top_p", gen.top_p, "a fraction in (0, 1]")
+    if gen.batch_size < 1:
+        bad("calibration.generation.batch_size", gen.batch_size, "at least 1")
+    if not gen.openings and gen.chat_prompt is None:
+        bad("calibration.generation.openings", gen.openings, "at least one start: \"\" (BOS) or an opening text")
     src = cal.source
-    if src == "lambada_dev" or src.startswith("hub:"):
+    if src in CALIBRATION_SOURCES or src.startswith("hub:"):
         if src.startswith("hub:") and not cfg.allow_hub:
             bad("calibration.source", src, "Hub datasets need allow_hub=true")
         return
     path = Path(os.path.expanduser(src))
     if not path.is_file():
-        bad("calibration.source", src, "'lambada_dev', an existing .txt/.jsonl file, or hub:<dataset>")
-    elif path.suffix not in (".txt", ".jsonl", ".json"):
+        bad("calibration.source", src, f"one of {', '.join(CALIBRATION_SOURCES)}, an existing .txt/.jsonl file, "
+                                       "or hub:<dataset>")
+        return
+    digest = sha256_file(path)
+    if digest in evaluation_checksums():
+        bad("calibration.source", src, f"it is {evaluation_checksums()[digest]}, which sweep evaluates on: "
+                                       "calibrating on the test set would score the model on what it was fitted to")
+        return
+    if path.suffix not in (".txt", ".jsonl", ".json"):
         bad("calibration.source", src, "a .txt (plain text) or .jsonl file")
-    elif cal.sha256 is not None:
-        digest = sha256_file(path)
-        if digest != cal.sha256.lower():
-            bad("calibration.sha256", cal.sha256, f"the sha256 of {src}, which is {digest} (the file changed?)")
+        return
+    if cal.sha256 is not None and digest != cal.sha256.lower():
+        bad("calibration.sha256", cal.sha256, f"the sha256 of {src}, which is {digest} (the file changed?)")
 
 
 def _validate_vendored_data(cfg: SweepConfig, bad) -> None:
