@@ -25,6 +25,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sweep.analysis.configs import mean_pm_std, number  # noqa: E402
 from sweep.config.schema import TrackingConfig  # noqa: E402
 from sweep.tracking.tracker import Tracker, latest_attempts, point_runs  # noqa: E402
 
@@ -57,10 +58,11 @@ def runs_frame(uri: str, experiment: str) -> pd.DataFrame:
 
 
 def spread(values: pd.Series, digits: int) -> str:
+    """mean ± std (min-max) over the seeds, in the report's number format."""
     v = values.dropna()
     if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})"
+        return number(v.iloc[0], digits)
+    return f"{mean_pm_std(v.mean(), v.std(ddof=1), digits)} ({number(v.min(), digits)}-{number(v.max(), digits)})"
 
 
 def cell_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -36,8 +36,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sweep.config.schema import TrackingConfig  # noqa: E402
+from sweep.config.schema import SweepConfig, TrackingConfig  # noqa: E402
 from sweep.infra.hardware import cpu_has_bf16  # noqa: E402
+from sweep.models.embedded import embedded_model_dir  # noqa: E402
 from sweep.tracking.tracker import Tracker, point_runs  # noqa: E402
 
 GRID = ["method=gptq", "bits=2,3,4", "group_size=16,128"]
@@ -56,8 +57,14 @@ def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
     return 2 * 8192 * 576 * 1536 / statistics.median(times) / 1e9
 
 
-def model_shapes() -> dict:
-    config = json.loads((Path.home() / ".cache/sweep/models/smollm2-135m-instruct/config.json").read_text())
+def default_model_dir() -> Path:
+    """The default config's embedded model, where `python -m sweep` keeps it ($SWEEP_CACHE included)."""
+    cfg = SweepConfig()
+    return embedded_model_dir(cfg.model.path.split(":", 1)[1], cfg.cache_dir)
+
+
+def model_shapes(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
     h, i = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * (config.get("head_dim") or h // config["num_attention_heads"])
     return {"h": h, "i": i, "kv": kv, "layers": config["num_hidden_layers"], "vocab": config["vocab_size"]}
@@ -81,12 +88,12 @@ def eval_flops_per_token(s: dict) -> float:
     return 2 * (s["layers"] * (h * (h + 2 * kv) + h * h + 3 * h * i) + h * s["vocab"])
 
 
-def eval_tokens(limit_wikitext: int = 2, limit_lambada: int = 200) -> int:
+def eval_tokens(model_dir: Path, limit_wikitext: int = 2, limit_lambada: int = 200) -> int:
     from transformers import AutoTokenizer
 
     from sweep.data.vendored import data_file, wikitext_documents
 
-    tok = AutoTokenizer.from_pretrained(Path.home() / ".cache/sweep/models/smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(model_dir)
     wikitext = sum(len(tok(d).input_ids) for d in wikitext_documents()[:limit_wikitext])
     lines = data_file("lambada_openai.test.jsonl").read_text().splitlines()[:limit_lambada]
     lambada = sum(len(tok(json.loads(line)["text"]).input_ids) for line in lines)
@@ -110,8 +117,9 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--store", default=str(REPO / "outputs" / "bench-cpu"))
     args = ap.parse_args()
-    shapes = model_shapes()
-    tokens = eval_tokens()
+    model_dir = default_model_dir()
+    shapes = model_shapes(model_dir)
+    tokens = eval_tokens(model_dir)
     rows, walls = [], []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
