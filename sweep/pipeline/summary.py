@@ -13,6 +13,7 @@ from typing import Dict, Optional
 from rich.console import Console
 from rich.table import Table
 
+from sweep.analysis.configs import interval_text, number
 from sweep.config.schema import SweepConfig
 from sweep.pipeline.identity import baseline_config, config_hash
 from sweep.tracking.tracker import Tracker
@@ -44,12 +45,11 @@ def print_point_summary(cfg: SweepConfig, device: str, run_id: str, metrics: Dic
         value = metrics.get(name)
         if value is None or not math.isfinite(value):
             continue
-        low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-        interval = f"[{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
+        interval = interval_text(metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high"), digits)
         delta = ""
         if baseline is not None and name in baseline.data.metrics:
             delta = f"{value - baseline.data.metrics[name]:+.{digits}f}"
-        table.add_row(label, f"{value:.{digits}f}", interval, delta)
+        table.add_row(label, number(value, digits), interval, delta)
     console.print(table)
     if baseline is None and cfg.method_name != "fp16":
         console.print("  no finished fp16 run with this model, evaluation and device in the store yet: a sweep "
