@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sweep.quant.grid import fit_grid, qdq_rtn, storage_bits_per_weight
-from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
+from sweep.quant import gptq_columns
+from sweep.quant.gptq_solver import HessianAccumulator, _upper_cholesky_of_inverse, gptq_quantize
 
 
 def _weight(rows=64, cols=256, seed=0):
@@ -90,6 +91,39 @@ def _hessian(x):
 def test_hessian_accumulator_matches_closed_form():
     x = _calibration(64, 1000)
     assert torch.allclose(_hessian(x), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_of_a_batch_is_the_hessian_of_its_samples_added_one_by_one_bit_for_bit():
+    # A batched calibration pass must accumulate exactly what one sample at a time does.
+    batch = _calibration(64, 4 * 50).reshape(4, 50, 64)
+    together, one_by_one = HessianAccumulator(64, torch.device("cpu")), HessianAccumulator(64, torch.device("cpu"))
+    together.add(batch)
+    for sample in batch:
+        one_by_one.add(sample.unsqueeze(0))
+    assert torch.equal(together.H, one_by_one.H) and together.nsamples == one_by_one.nsamples == 200
+
+
+@pytest.mark.parametrize("bits, sym", [(1, True), (2, False), (3, True), (4, False), (8, True)])
+def test_compiled_gptq_column_loop_computes_the_torch_loops_bits(bits, sym):
+    """On a CPU, GPTQ's column loop runs compiled (numba), row by row; it must do exactly the float32
+    arithmetic of the torch loop that GPUs run, in the same order."""
+    kernel = gptq_columns._numba_kernel()
+    if kernel is None:
+        pytest.skip("numba is not installed: the CPU column loop falls back to torch")
+    w, x = _weight(48, 96), _calibration(96, 400)
+    Hinv, _ = _upper_cholesky_of_inverse(_hessian(x), 0.01)
+    grid = fit_grid(w[:, 5:37], bits, sym)
+    runs = []
+    for loop in ("torch", "numba"):
+        W1, Q1, Err1 = w.clone(), torch.zeros_like(w), torch.zeros_like(w)
+        if loop == "torch":
+            gptq_columns.columns_torch(W1, Q1, Err1, Hinv, grid.scale, grid.zero, 2**bits - 1, 5, 37)
+        else:
+            gptq_columns.quantize_columns(W1, Q1, Err1, Hinv, grid.scale, grid.zero, 2**bits - 1, 5, 37)
+        runs.append((W1[:, 37:], Q1, Err1))
+    for torch_result, numba_result in zip(*runs):
+        assert torch.equal(torch_result, numba_result)
+    assert runs[0][1][:, 5:37].abs().sum() > 0  # it did quantize
 
 
 @pytest.mark.parametrize("bits, group_size", [(2, 64), (3, 128), (4, -1), (8, 32)])

@@ -49,6 +49,9 @@ class GPTQOptions(MixedPrecisionOptions):
     static_groups: bool = False
     # Calibration batch size for GPTQModel.
     batch_size: int = 4
+    # Torch backend: calibration samples go through each decoder layer in batches of up to this many
+    # tokens (8,192 = 32 windows of 256; larger batches cost memory, not accuracy); 0 = one sample at a time.
+    batch_tokens: int = 8192
     # On tinygemm_int4: each attention's q/k/v and each MLP's gate/up as one int4 matmul (fewer,
     # larger matmuls decode faster at batch 1; same outputs, checked at load).
     fuse_projections: bool = True
@@ -87,6 +90,8 @@ class GPTQ(QuantMethod):
                               "it needs a fraction in (0, 1)")
         if options.block_size < 1:
             errors.append(f"method.block_size={options.block_size!r} is not allowed: at least 1")
+        if options.batch_tokens < 0:
+            errors.append(f"method.batch_tokens={options.batch_tokens!r} is not allowed: 0 (one sample at a time) or more")
         return errors
 
     @classmethod
@@ -134,7 +139,7 @@ class GPTQ(QuantMethod):
         report = QuantReport(backend="sweep-torch", weights=SIMULATED)
         all_linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)
         self.plan = self.layer_plan(all_linears)
-        inputs = capture_first_layer_inputs(model, calibration)
+        inputs = capture_first_layer_inputs(model, calibration, opts.batch_tokens)
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
         for index in progress.track(range(len(layers)), "gptq layers", total=len(layers)):

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from sweep.quant.gptq_columns import quantize_columns
 from sweep.quant.grid import Grid, fit_grid
 
 
@@ -24,7 +25,13 @@ class HessianAccumulator:
         self.nsamples = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        """Add one input: (tokens × features), or a batch (samples × tokens × features) sample by sample,
+        so that a batched calibration pass accumulates exactly what one sample at a time would (and
+        costs the same: the products are as large either way)."""
+        for sample in (x if x.dim() >= 3 else [x]):
+            self._add(sample.reshape(-1, sample.shape[-1]).float())
+
+    def _add(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
@@ -80,29 +87,33 @@ def gptq_quantize(
     Q = torch.zeros_like(W)
     losses = torch.zeros(rows, device=W.device)
     grid = per_channel
+    maxq = 2**bits - 1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        # The block's columns in runs that share one grid, each run quantized by one call.
+        i = 0
+        while i < i2 - i1:
             col = i1 + i
-            if group_size != -1:
-                if static is not None:
-                    orig = int(perm[col]) if perm is not None else col
-                    grid = static[orig // group_size]
-                elif col % group_size == 0:
+            if group_size == -1:
+                stop = i2 - i1
+            elif static is not None:
+                group = _static_group(col, perm, group_size)
+                grid = static[group]
+                stop = i + 1
+                while stop < i2 - i1 and _static_group(i1 + stop, perm, group_size) == group:
+                    stop += 1
+            else:
+                if col % group_size == 0:
                     # The grid sees the group as it is now, with the error already spread onto it.
                     ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
                     grid = fit_grid(ahead, bits, sym)
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = grid.qdq(w.unsqueeze(1)).squeeze(1)
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+                stop = min(i2 - i1, i + group_size - col % group_size)
+            quantize_columns(W1, Q1, Err1, Hinv1, grid.scale, grid.zero, maxq, i, stop)
+            i = stop
         Q[:, i1:i2] = Q1
         # Σ (w - q)² / d² / 2 over the block's columns, taken once per block instead of once per column.
         losses += Err1.pow(2).sum(dim=1) / 2
@@ -111,6 +122,11 @@ def gptq_quantize(
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return GPTQResult(weight=Q, row_losses=losses, damp_retries=retries)
+
+
+def _static_group(col: int, perm: Optional[torch.Tensor], group_size: int) -> int:
+    """The static group of (permuted) column col: the group of the column it was before act-order."""
+    return (int(perm[col]) if perm is not None else col) // group_size
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp_percent: float, max_retries: int = 6):

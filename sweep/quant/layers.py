@@ -58,8 +58,12 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, samples: List[torch.Tensor]) -> LayerInputs:
-    """Run each sample through the model up to the first decoder layer and keep what it receives."""
+def capture_first_layer_inputs(model: nn.Module, samples: List[torch.Tensor], batch_tokens: int = 0) -> LayerInputs:
+    """Run the samples through the model up to the first decoder layer and keep what it receives.
+
+    With batch_tokens > 0, consecutive samples of equal length go through as one batch of up to that
+    many tokens (each entry of the result is then a batch): the same per-sample arithmetic in larger
+    matrix products, which a CPU runs several times faster than one sample at a time."""
     layers = decoder_layers(model)
     first = layers[0]
     captured = LayerInputs(hidden=[], kwargs=[])
@@ -73,7 +77,7 @@ def capture_first_layer_inputs(model: nn.Module, samples: List[torch.Tensor]) ->
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for ids in samples:
+        for ids in batched_samples(samples, batch_tokens):
             try:
                 model(ids.to(_device_of(model)), use_cache=False)
             except _Stop:
@@ -81,6 +85,20 @@ def capture_first_layer_inputs(model: nn.Module, samples: List[torch.Tensor]) ->
     finally:
         handle.remove()
     return captured
+
+
+def batched_samples(samples: List[torch.Tensor], batch_tokens: int) -> List[torch.Tensor]:
+    """Samples (1 × length each) stacked into batches of consecutive equal-length samples, each of at most
+    batch_tokens tokens (at least one sample); batch_tokens <= 0 keeps one sample per batch."""
+    batches: List[List[torch.Tensor]] = []
+    for ids in samples:
+        last = batches[-1] if batches else None
+        if (last is not None and batch_tokens > 0 and ids.shape[1:] == last[0].shape[1:]
+                and (len(last) + 1) * ids.shape[-1] <= batch_tokens):
+            last.append(ids)
+        else:
+            batches.append([ids])
+    return [torch.cat(batch) if len(batch) > 1 else batch[0] for batch in batches]
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> List[torch.Tensor]:
@@ -131,8 +149,8 @@ def sequential_groups(layer: nn.Module, inputs: LayerInputs, linears: Dict[str, 
     for name, mod in linears.items():
         handles.append(mod.register_forward_pre_hook(lambda m, args, name=name: order.append((name, args[0]))))
     try:
-        with torch.no_grad():
-            layer(inputs.hidden[0], **inputs.kwargs[0])
+        with torch.no_grad():  # one sample is enough to see the order (a batched entry holds many)
+            layer(inputs.hidden[0][:1], **inputs.kwargs[0])
     finally:
         for h in handles:
             h.remove()
