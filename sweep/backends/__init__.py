@@ -1,4 +1,4 @@
-"""Adapters to third-party quantization libraries (GPTQModel, auto-round, bitsandbytes).
+"""Adapters to third-party quantization libraries (GPTQModel, auto-round, bitsandbytes, hqq, optimum-quanto).
 
 Each is imported only when a run uses it, so the package stays importable on machines
 (CPU CI) where those libraries are not installed; `require()` turns a missing library into
@@ -13,6 +13,9 @@ INSTALL_HINT = {
     "gptqmodel": "pip install 'gptqmodel>=7.6' (GPU machines; see README, GPU backends)",
     "auto_round": "pip install 'auto-round>=0.16'",
     "bitsandbytes": "pip install 'bitsandbytes>=0.45'",
+    # CPU and GPU: the `quant` extra (also in `test`) pins the versions tested here.
+    "hqq": "pip install -e '.[quant]' (hqq==0.2.8.post1)",
+    "optimum.quanto": "pip install -e '.[quant]' (optimum-quanto==0.2.7)",
 }
 
 
@@ -21,12 +24,19 @@ class BackendUnavailable(RuntimeError):
 
 
 def available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing (optimum.quanto)
+        return False
+
+
+def install_hint(module: str) -> str:
+    return INSTALL_HINT.get(module, "pip install " + module)
 
 
 def require(module: str):
     if not available(module):
-        raise BackendUnavailable(f"{module} is not installed: {INSTALL_HINT.get(module, 'pip install ' + module)}")
+        raise BackendUnavailable(f"{module} is not installed: {install_hint(module)}")
     return importlib.import_module(module)
 
 

@@ -1,9 +1,10 @@
 """Moving models between memory and checkpoint directories, for libraries that quantize from a path."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -67,3 +68,43 @@ def scratch_dir(workdir: str, name: str) -> str:
     path = os.path.join(workdir, name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+# Backends whose quantized modules live in the model object (hqq, optimum-quanto) save their state
+# here: the whole model as one safetensors file plus a manifest naming the quantized modules and
+# their settings, which is what is needed to rebuild those modules before loading the tensors.
+STATE_FILE = "model.safetensors"
+
+
+def save_quantized_state(model: torch.nn.Module, directory: str, manifest_name: str, manifest) -> str:
+    from safetensors.torch import save_model
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    save_model(model, str(Path(directory) / STATE_FILE))  # tied tensors once, under one of their names
+    (Path(directory) / manifest_name).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return directory
+
+
+def read_manifest(directory: str, manifest_name: str):
+    return json.loads((Path(directory) / manifest_name).read_text())
+
+
+def load_quantized_state(model: torch.nn.Module, directory: str, device: str) -> None:
+    """Load a saved state into a model whose quantized modules have been rebuilt (empty) already."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(directory) / STATE_FILE), device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = _tied_names(model)
+    missing = [k for k in missing if not any(alias in state for alias in aliases.get(k, ()))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def _tied_names(model: torch.nn.Module) -> Dict[str, List[str]]:
+    """For each parameter name, the other names of the same tensor (a tied lm_head)."""
+    groups: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {name: [other for other in group if other != name] for group in groups.values() for name in group}

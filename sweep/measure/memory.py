@@ -12,21 +12,29 @@ from typing import Dict, Iterator
 import psutil
 import torch
 
+from sweep.infra.tensors import tensor_bytes
 from sweep.quant.layer_bits import record_storage_bits
 
 MB = 1024 * 1024
 
 
-def weight_footprint_mb(model: torch.nn.Module) -> float:
-    """Bytes of parameters and buffers as they sit in memory now (transformers' get_memory_footprint)."""
-    return model.get_memory_footprint() / MB
+def footprint_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers as they sit in memory now (transformers' get_memory_footprint, with
+    tensor subclasses counted by what they hold)."""
+    return sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
 
 
-def decode_read_mb(model: torch.nn.Module) -> float:
+def weight_footprint_mb(model: torch.nn.Module, unregistered_bytes: int = 0) -> float:
+    """`footprint_bytes` plus weight tensors a backend keeps outside parameters and buffers
+    (QuantReport.unregistered_weight_bytes: HQQ's scales and zeros), in MB."""
+    return (footprint_bytes(model) + unregistered_bytes) / MB
+
+
+def decode_read_mb(model: torch.nn.Module, unregistered_bytes: int = 0) -> float:
     """Weight bytes one decode step streams from memory: the footprint less the input embedding
     table, of which a step reads only its tokens' rows, unless that table is also the (tied)
     output head, which every step reads whole."""
-    footprint = model.get_memory_footprint()
+    footprint = footprint_bytes(model) + unregistered_bytes
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     table = getattr(embeddings, "weight", None)
     if table is None or (head is not None and getattr(head, "weight", None) is table):

@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from sweep.infra.progress import Progress
-from sweep.quant.layer_bits import KEEP_BITS, LayerSetting, parse_layer_bits, plan_layers
+from sweep.quant.layer_bits import ALLOWED_BITS, KEEP_BITS, LayerSetting, parse_layer_bits, plan_layers
 
 # Values of the `weights` tag: whether a low-bit kernel runs the weights, or they are
 # quantize-dequantized values stored in the original dtype.
@@ -40,6 +40,10 @@ class QuantReport:
     # deterministic=false); None when it cannot, as far as the run can tell.
     nondeterministic: Optional[str] = None
     artifacts: Dict[str, Any] = field(default_factory=dict)   # artifact file name → JSON-able content
+    # Bytes of quantized-weight tensors the backend's modules hold outside their parameters and
+    # buffers (HQQLinear keeps its scales and zeros in a plain dict), so that the measured footprint
+    # (`memory.weights_mb`) counts them.
+    unregistered_weight_bytes: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -117,7 +121,14 @@ class QuantMethod:
         if isinstance(options, MixedPrecisionOptions):
             # Values only; which modules the patterns match is checked against the model by
             # sweep.validation.model_fit (and again on the loaded model, by plan_layers).
-            return parse_layer_bits(options.layer_bits)[1]
+            parsed, errors = parse_layer_bits(options.layer_bits)
+            for pattern, entry in parsed.items():
+                bits = entry.get("bits")
+                if bits in ALLOWED_BITS and bits != KEEP_BITS and bits not in cls.supported_bits:
+                    errors.append(f"method.layer_bits[{pattern!r}]: bits={bits!r} is not allowed for method {cls.name}: "
+                                  f"{', '.join(map(str, sorted(cls.supported_bits)))}, or {KEEP_BITS} (leave the "
+                                  "module unquantized)")
+            return errors
         return []
 
     def layer_plan(self, target_names) -> Dict[str, LayerSetting]:

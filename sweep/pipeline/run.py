@@ -258,8 +258,8 @@ def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
         point.tracker.log_text(point.run_id, "\n".join(report.notes), "quantize_notes.txt")
     metrics["quant.layers"] = float(report.num_layers)
 
-    metrics["memory.weights_mb"] = memory.weight_footprint_mb(model)
-    metrics["memory.decode_read_mb"] = memory.decode_read_mb(model)
+    metrics["memory.weights_mb"] = memory.weight_footprint_mb(model, report.unregistered_weight_bytes)
+    metrics["memory.decode_read_mb"] = memory.decode_read_mb(model, report.unregistered_weight_bytes)
     if report.weights == PACKED:
         # The packed model is in memory: its footprint is measured, not estimated.
         metrics["memory.packed_weights_mb"] = metrics["memory.weights_mb"]

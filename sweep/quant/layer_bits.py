@@ -100,16 +100,23 @@ def plan_layers(module_names: Iterable[str], layer_bits: Optional[Mapping[str, A
 
 
 def record_storage_bits(record: Mapping[str, Any], sym: bool) -> float:
-    """Bits per weight of one module in a packed checkpoint (a quantized-layer record of QuantReport)."""
+    """Bits per weight of one module in a packed checkpoint (a quantized-layer record of QuantReport).
+
+    A record may carry its own `storage_bits` when its format is not the grid's codes plus an fp16
+    scale (and a `bits`-wide zero) per group: HQQ keeps float zeros, 5/6-bit codes in whole bytes,
+    FP8 float32 scales. Those backends measure it from the tensors they hold."""
     if record["bits"] == KEEP_BITS:
         return float(KEEP_BITS)
+    if record.get("storage_bits") is not None:
+        return float(record["storage_bits"])
     return storage_bits_per_weight(record["bits"], record["group_size"], record["in_features"], sym)
 
 
 def average_bits(records: Mapping[str, Mapping[str, Any]], sym: bool) -> Dict[str, float]:
     """Weighted by each module's number of weights, over every module the method targeted:
     `quant.avg_bits` counts the codes only; `quant.bits_per_weight` adds the per-group fp16 scale
-    (and zero point if asymmetric), exactly as `memory.packed_weights_mb` does."""
+    (and zero point if asymmetric), or takes a record's measured `storage_bits`, exactly as
+    `memory.packed_weights_mb` does."""
     weights = sum(r["in_features"] * r["out_features"] for r in records.values())
     if not weights:
         return {}
