@@ -12,8 +12,8 @@ scales (sweep/quant/fp8.py):
   operand column-major: the (out, in) row-major codes, transposed as a view, are exactly that.
 
 This is the GPU branch of method=fp8; CPUs run the same arithmetic simulated (quantize-dequantize)
-in sweep/methods/fp8.py. Written for the H200 and not yet run on one: `tests/test_fp8.py` exercises
-it where CUDA capability >= 8.9 is present and skips, saying so, elsewhere.
+in sweep/methods/fp8.py. Written for the H200 and not yet run on one: the GPU tests exercise
+it (tests/test_hqq_quanto_fp8.py) where CUDA capability >= 8.9 is present and skips, saying so, elsewhere.
 """
 from __future__ import annotations
 
