@@ -168,3 +168,17 @@ def test_decode_read_bytes_leave_out_an_untied_input_embedding(tied):
     table_mb = 1000 * 64 * 4 / MB
     expected = weight_footprint_mb(model) - (0 if tied else table_mb)
     assert decode_read_mb(model) == pytest.approx(expected)
+
+
+def test_triton_int4_packing_puts_input_column_8j_plus_i_in_nibble_i_of_word_j():
+    # The GPU GEMV (sweep/backends/triton_int4.py) reads this layout; the packing itself runs anywhere.
+    from sweep.backends.triton_int4 import pack
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (6, 256), generator=g, dtype=torch.uint8)
+    scales, zeros = torch.rand(6, 2, generator=g), torch.randint(0, 16, (6, 2), generator=g)
+    qweight, s, zs = pack(codes, scales, zeros, torch.float32)
+    assert qweight.dtype == torch.int32 and qweight.shape == (6, 32)
+    unpacked = torch.stack([(qweight >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(6, 256)
+    assert torch.equal(unpacked.to(torch.uint8), codes)
+    assert torch.allclose(zs, zeros.float() * scales)

@@ -20,36 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sweep.backends.tinygemm import TinyGemmInt4Linear  # noqa: E402
 from sweep.backends.triton_int4 import gemv_int4, pack  # noqa: E402
 
+from decode_profile import emit, graph_time  # noqa: E402  (this folder is on sys.path when run as a script)
+
 DEVICE = "cuda"
 GROUP = 128
 # (in, out) of the 8B decoder's linears, fused as the tinygemm path fuses them, and its head.
 SHAPES = {"q/o 4096x4096": (4096, 4096), "qkv fused 4096x6144": (4096, 6144), "gate_up fused 4096x28672": (4096, 28672),
           "down 14336x4096": (14336, 4096), "lm_head 4096x128256": (4096, 128256)}
-
-
-def emit(row):
-    print(json.dumps(row), flush=True)
-
-
-def graph_time(fn, iters=50):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / iters
 
 
 def source(n, k):
