@@ -92,6 +92,15 @@ case "$1" in
     sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512 ;;
   8b-ar)     # AutoRound 4-bit (RTN mode) packed on the 8B shape, short latency run
     sweep $big method=autoround bits=4 group_size=128 method.iters=0 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1 bench.max_new_tokens=64 ;;
+  8b-fp8)    # the 8B shape in bfloat16, graph loop: bf16 vs FP8 W8A8 (_scaled_mm) vs FP8 W8A16, per-channel scales
+    sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1
+    sweep $big model.dtype=bfloat16 method=fp8 bits=8 group_size=-1 method.activations=dynamic bench.disk_size=false bench.mode=graph bench.repeats=1
+    sweep $big model.dtype=bfloat16 method=fp8 bits=8 group_size=-1 method.activations=none bench.disk_size=false bench.mode=graph bench.repeats=1 ;;
+  quality-fp8) # the embedded model, eval=full: fp16, RTN 8-bit and FP8 W8A16 / W8A8 (per channel) and W8A16 g128
+    sweep method=fp16 bench=none eval=full
+    sweep method=rtn bits=8 group_size=-1 bench=none eval=full
+    sweep method=fp8 bits=8 group_size=-1,128 method.activations=none bench=none eval=full -m
+    sweep method=fp8 bits=8 group_size=-1 method.activations=dynamic bench=none eval=full ;;
   quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
     sweep method=fp16 bench=none
     sweep method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none -m ;;
