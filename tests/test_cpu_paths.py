@@ -48,10 +48,9 @@ def _reference_gptq(model, samples, cfg, batch_tokens):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_gptq_calibration_gives_the_reference_weights_bit_for_bit(dtype, embedded_model_dir):
     """Stopping each calibration pass once a group has its inputs, one Hessian per shared input and
-    stacked solves change what is computed, not how: every weight must equal the reference's. In float32
-    the reference also runs one sample at a time where the fast path batches them: float32 matrix products
-    give every row the same bits in a batch, so batching must change nothing there (bfloat16's do not, so
-    its reference batches as the fast path does)."""
+    stacked solves change what is computed, not how: every weight must equal the reference's. The
+    reference runs one sample at a time; in float32 the fast path batches them (float32 matrix products
+    give every row the same bits in a batch, so batching must change nothing), in bfloat16 it does not."""
     cfg = make_config("model=smollm2-135m-4l", "method=gptq", "bits=3", f"model.dtype={dtype}",
                       "calibration.nsamples=6", "calibration.seqlen=48")
     model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
@@ -61,7 +60,7 @@ def test_fast_gptq_calibration_gives_the_reference_weights_bit_for_bit(dtype, em
     samples = calibration.build_samples(tokenizer, cfg.calibration)
     get_method("gptq")(cfg).quantize(model, samples, Progress("fast", enabled=False))
     with torch.no_grad():
-        _reference_gptq(reference, samples, cfg, batch_tokens=0 if dtype == "float32" else 8192)
+        _reference_gptq(reference, samples, cfg, batch_tokens=0)
     fast, ref = quantizable_linears(model), quantizable_linears(reference)
     assert set(fast) == set(ref)
     for name in fast:

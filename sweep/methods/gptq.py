@@ -14,7 +14,7 @@ to the torch backend with `weights=simulated` and a note saying so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -35,6 +35,8 @@ from sweep.quant.layers import (
 )
 
 BACKENDS = ("auto", "torch", "gptqmodel")
+# Calibration tokens per layer pass where batching is exact (float32): 32 windows of 256.
+EXACT_BATCH_TOKENS = 8192
 KERNELS = ("auto",) + tuple(GPTQ_KERNEL_BITS)
 
 
@@ -50,8 +52,10 @@ class GPTQOptions(MixedPrecisionOptions):
     # Calibration batch size for GPTQModel.
     batch_size: int = 4
     # Torch backend: calibration samples go through each decoder layer in batches of up to this many
-    # tokens (8,192 = 32 windows of 256; larger batches cost memory, not accuracy); 0 = one sample at a time.
-    batch_tokens: int = 8192
+    # tokens (0 = one sample at a time). null = 8,192 (32 windows of 256) in float32, where a batch gives
+    # every weight the bits of one sample at a time, twice as fast; one at a time in bfloat16/float16,
+    # whose batched products round differently (measured worse at W4 g32 on CPU: docs/benchmarks.md).
+    batch_tokens: Optional[int] = None
     # On tinygemm_int4: each attention's q/k/v and each MLP's gate/up as one int4 matmul (fewer,
     # larger matmuls decode faster at batch 1; same outputs, checked at load).
     fuse_projections: bool = True
@@ -90,7 +94,7 @@ class GPTQ(QuantMethod):
                               "it needs a fraction in (0, 1)")
         if options.block_size < 1:
             errors.append(f"method.block_size={options.block_size!r} is not allowed: at least 1")
-        if options.batch_tokens < 0:
+        if options.batch_tokens is not None and options.batch_tokens < 0:
             errors.append(f"method.batch_tokens={options.batch_tokens!r} is not allowed: 0 (one sample at a time) or more")
         return errors
 
@@ -139,7 +143,10 @@ class GPTQ(QuantMethod):
         report = QuantReport(backend="sweep-torch", weights=SIMULATED)
         all_linears = quantizable_linears(model, include_lm_head=cfg.quantize_lm_head)
         self.plan = self.layer_plan(all_linears)
-        inputs = capture_first_layer_inputs(model, calibration, opts.batch_tokens)
+        batch_tokens = opts.batch_tokens
+        if batch_tokens is None:
+            batch_tokens = EXACT_BATCH_TOKENS if next(model.parameters()).dtype == torch.float32 else 0
+        inputs = capture_first_layer_inputs(model, calibration, batch_tokens)
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
         for index in progress.track(range(len(layers)), "gptq layers", total=len(layers)):
