@@ -20,15 +20,13 @@ import torch
 
 from sweep.backends import available, install_hint
 from sweep.backends.checkpoint import scratch_dir
+from sweep.backends.fp8_linear import has_fp8_tensor_cores
 from sweep.backends.quanto_backend import (OPTIMIZERS, QUANTO_BITS, WEIGHT_TYPES, dequantized, group_size_for,
                                            kernel_of, kernel_summary, qtype_name, quantize_linear, save, storage_bits)
 from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
 from sweep.quant.layer_bits import KEEP_BITS, parse_layer_bits
 from sweep.quant.layers import quantizable_linears
-
-FP8_CAPABILITY = (8, 9)
-
 
 @dataclass
 class QuantoOptions(MixedPrecisionOptions):
@@ -54,7 +52,8 @@ class Quanto(QuantMethod):
             if cfg.bits != 8 or any(e.get("bits", 8) not in (8, KEEP_BITS) for e in parsed.values()):
                 errors.append("method.weights='float8' needs bits=8 (and 8 or 16 in method.layer_bits): float8 "
                               "codes are 8-bit")
-            if not _fp8_device(cfg.device):
+            # device=auto picks CUDA where there is one: ask that GPU
+            if not has_fp8_tensor_cores("cuda" if cfg.device == "auto" else cfg.device):
                 errors.append("method.weights='float8' is not allowed on this device: quanto's float8 weights are "
                               "offered on CUDA GPUs with FP8 support (capability >= 8.9); on CPU use method=fp8 "
                               "(simulated FP8) or method.weights=int")
@@ -99,9 +98,3 @@ class Quanto(QuantMethod):
         if self.cfg.bits == 8 and self.cfg.group_size != -1:
             report.notes.append("quanto's 8-bit weights have one scale per output channel: group_size does not apply")
         return report
-
-
-def _fp8_device(device: str) -> bool:
-    if device == "cpu" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability() >= FP8_CAPABILITY
