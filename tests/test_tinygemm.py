@@ -202,8 +202,13 @@ def test_single_device_dispatch_hooks_are_removed_so_the_decode_compiles_in_one_
 
     with torch.no_grad():
         before = model(torch.tensor([[1, 2, 3]])).logits
-        assert decode_step_graph_breaks() > 0
+        # With the hooks in place the count depends on accelerate: releases that mark
+        # AlignDevicesHook.pre_forward compile-disabled (the one on the H100) break the graph at every
+        # hooked module; accelerate 1.16 no longer disables it and traces through. What must hold
+        # either way: the hooks go, the outputs stay, and the step is one graph.
+        decode_step_graph_breaks()
         assert drop_single_device_hooks(model) == 5
+        assert not any(hasattr(m, "_hf_hook") for m in model.modules())
         assert decode_step_graph_breaks() == 0
         assert torch.equal(model(torch.tensor([[1, 2, 3]])).logits, before)
     assert drop_single_device_hooks(model) == 0  # nothing left to remove
