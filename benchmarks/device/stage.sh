@@ -92,6 +92,8 @@ case "$1" in
     sweep $one method=gptq bits=4 group_size=128 calibration.nsamples=128 calibration.seqlen=512 ;;
   8b-ar)     # AutoRound 4-bit (RTN mode) packed on the 8B shape, short latency run
     sweep $big method=autoround bits=4 group_size=128 method.iters=0 calibration.nsamples=32 calibration.seqlen=512 bench.repeats=1 bench.max_new_tokens=64 ;;
+  aqlm-1b4)  # AQLM 2-bit (2x8, defaults) on the first 4 layers of the 1B shape: GPU quantization time, aqlm's CUDA kernel
+    sweep $one model.num_layers=4 method=aqlm bits=2 calibration.nsamples=32 calibration.seqlen=512 ;;
   8b-fp8)    # the 8B shape in bfloat16, graph loop: bf16 vs FP8 W8A8 (_scaled_mm) vs FP8 W8A16, per-channel scales
     sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1
     sweep $big model.dtype=bfloat16 method=fp8 bits=8 group_size=-1 method.activations=dynamic bench.disk_size=false bench.mode=graph bench.repeats=1

@@ -1,4 +1,4 @@
-"""Adapters to third-party quantization libraries (GPTQModel, auto-round, bitsandbytes, hqq, optimum-quanto).
+"""Adapters to third-party quantization libraries (GPTQModel, auto-round, bitsandbytes, hqq, optimum-quanto, aqlm).
 
 Each is imported only when a run uses it, so the package stays importable on machines
 (CPU CI) where those libraries are not installed; `require()` turns a missing library into
@@ -16,6 +16,7 @@ INSTALL_HINT = {
     # CPU and GPU: the `quant` extra (also in `test`) pins the versions tested here.
     "hqq": "pip install -e '.[quant]' (hqq==0.2.8.post1)",
     "optimum.quanto": "pip install -e '.[quant]' (optimum-quanto==0.2.7)",
+    "aqlm": "pip install -e '.[quant]' (aqlm==1.1.7)",
 }
 
 

@@ -40,6 +40,9 @@ class QuantReport:
     # deterministic=false); None when it cannot, as far as the run can tell.
     nondeterministic: Optional[str] = None
     artifacts: Dict[str, Any] = field(default_factory=dict)   # artifact file name → JSON-able content
+    # Tags that say more precisely what this method did than the top-level knobs (AQLM's group_size
+    # is its own input group, not the top-level group_size); they replace the run's tags of that name.
+    tags: Dict[str, str] = field(default_factory=dict)
     # Bytes of quantized-weight tensors the backend's modules hold outside their parameters and
     # buffers (HQQLinear keeps its scales and zeros in a plain dict), so that the measured footprint
     # (`memory.weights_mb`) counts them.
@@ -72,6 +75,12 @@ class QuantMethod:
     # group_size that does not divide a layer's in_features (a smaller last group) is allowed.
     supported_bits: ClassVar[FrozenSet[int]] = frozenset(range(1, 9))
     ragged_groups: ClassVar[bool] = False
+
+    @classmethod
+    def input_group_size(cls, cfg) -> Optional[int]:
+        """A group size of the method's own (not the `group_size` knob) that must divide every quantized
+        layer's in_features, or None; checked against the model's shapes before it loads."""
+        return None
 
     @classmethod
     def handles_ragged_groups(cls, cfg) -> bool:

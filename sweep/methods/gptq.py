@@ -25,14 +25,8 @@ from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_s
 from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record, planned_layers
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
-from sweep.quant.layers import (
-    capture_first_layer_inputs,
-    decoder_layers,
-    quantizable_linears,
-    run_layer,
-    run_layer_until,
-    sequential_groups,
-)
+from sweep.quant.layers import quantizable_linears
+from sweep.quant.sequential import SequentialCalibration
 
 BACKENDS = ("auto", "torch", "gptqmodel")
 # Calibration tokens per layer pass where batching is exact (float32): 32 windows of 256.
@@ -146,35 +140,12 @@ class GPTQ(QuantMethod):
         batch_tokens = opts.batch_tokens
         if batch_tokens is None:
             batch_tokens = EXACT_BATCH_TOKENS if next(model.parameters()).dtype == torch.float32 else 0
-        inputs = capture_first_layer_inputs(model, calibration, batch_tokens)
-        layers = decoder_layers(model)
-        prefix = next(n for n, m in model.named_modules() if m is layers)
-        for index in progress.track(range(len(layers)), "gptq layers", total=len(layers)):
-            layer = layers[index]
-            linears = {n[len(f"{prefix}.{index}."):]: m for n, m in all_linears.items()
-                       if n.startswith(f"{prefix}.{index}.")}
-            groups = sequential_groups(layer, inputs, linears) if opts.true_sequential else [list(linears)]
-            for group in groups:
-                # A true-sequential group's linears receive one and the same tensor (that is how they were
-                # grouped), so they share one Hessian: accumulated once, from the first of them.
-                owners = {n: group[0] if opts.true_sequential else n for n in group}
-                hessians = {o: HessianAccumulator(linears[o].in_features, linears[o].weight.device)
-                            for o in set(owners.values())}
-                handles = [linears[o].register_forward_pre_hook(lambda mod, args, o=o: hessians[o].add(args[0]))
-                           for o in hessians]
-                try:
-                    run_layer_until(layer, inputs, [linears[n] for n in group])
-                finally:
-                    for h in handles:
-                        h.remove()
-                for owner, hessian in hessians.items():
-                    members = [n for n in group if owners[n] == owner]
-                    self._solve({f"{prefix}.{index}.{n}": linears[n] for n in members}, hessian.H, report)
-                del hessians
-            # The next layer calibrates on what this quantized layer really outputs.
-            inputs.hidden = run_layer(layer, inputs)
+        targets = {n: m for n, m in all_linears.items() if n != "lm_head"}
+        sequence = SequentialCalibration(model, calibration, targets, opts.true_sequential, batch_tokens)
+        for group in sequence.groups(progress, "gptq layers"):
+            self._solve(group.linears, group.H, report)
         if "lm_head" in all_linears:
-            self._quantize_lm_head(model, inputs, all_linears["lm_head"], report)
+            self._quantize_lm_head(model, sequence.inputs, all_linears["lm_head"], report)
         return report
 
     def _solve(self, linears: Dict[str, torch.nn.Linear], H, report) -> None:

@@ -250,6 +250,8 @@ def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
                "bits": cfg.bits if quantized else "none",
                "group_size": cfg.group_size if quantized else "none",
                "layer_bits": ("mixed" if cfg.method.get("layer_bits") else "uniform") if quantized else "none"})
+    if report.tags:
+        point.tag(report.tags)
     # One checksum of the quantized weights per run: equal checksums, bit-identical weights.
     point.tag({"weights.sha256": decoder_checksum(model)})
     if report.layers:

@@ -38,6 +38,25 @@ def group_size_errors(cfg: SweepConfig, model_config: Dict[str, Any]) -> List[st
             + "".join(f", {g}" for g in allowed)]
 
 
+def input_group_errors(cfg: SweepConfig, model_config: Dict[str, Any]) -> List[str]:
+    """A method's own input group (AQLM's method.in_group_size) must tile every layer exactly."""
+    method = get_method(cfg.method_name)
+    try:
+        size = method.input_group_size(cfg)
+    except ValueError:  # unparseable options: reported by the method's own check
+        return []
+    if not size or size < 1:
+        return []
+    sizes = linear_in_features(model_config)
+    ragged = {what: n for what, n in sizes.items() if n % size}
+    if not ragged:
+        return []
+    listing = ", ".join(f"{n} = {what}" for what, n in ragged.items())
+    allowed = [g for g in (1, 2, 4, 8, 16, 32) if all(n % g == 0 for n in sizes.values())]
+    return [f"method.in_group_size={size} does not divide in_features of model {cfg.model.name!r} ({listing}): "
+            f"method {cfg.method_name} needs whole groups; allowed here are {', '.join(map(str, allowed))}"]
+
+
 def check_against_model(cfg: SweepConfig, model_config: Optional[Dict[str, Any]] = None) -> None:
     """Raise ConfigError for settings this model's shapes rule out.
 
@@ -48,7 +67,7 @@ def check_against_model(cfg: SweepConfig, model_config: Optional[Dict[str, Any]]
         model_config = dict(cfg.model.architecture or {})  # the path supplies only the tokenizer
     if model_config is None:
         model_config = read_model_config(model_location(cfg.model, cfg.cache_dir))
-    errors = group_size_errors(cfg, model_config)
+    errors = group_size_errors(cfg, model_config) + input_group_errors(cfg, model_config)
     if errors:
         raise ConfigError("invalid config for this model:\n  - " + "\n  - ".join(errors))
 
