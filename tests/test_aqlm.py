@@ -34,8 +34,7 @@ from sweep.validation.fields import validate
 from sweep.validation.model_fit import check_against_model
 
 # Small enough for CI's 2 cores; the defaults (conf/method/aqlm.yaml) search and train longer.
-QUICK = ["method=aqlm", "method.allow_cpu=true", "method.rounds=1", "method.beam_size=2", "method.codebook_steps=10",
-         "method.kmeans_iters=3"]
+QUICK = ["method=aqlm", "method.allow_cpu=true", "method.rounds=1", "method.beam_size=2", "method.codebook_steps=10"]
 QUICK_SETTINGS = dict(rounds=2, beam_size=2, codebook_steps=20, kmeans_iters=5)
 
 
@@ -174,16 +173,17 @@ def test_a_cli_run_reloads_the_checkpoint_onto_aqlm_kernels_and_logs_it(tmp_path
 # ---- quality on the full embedded model --------------------------------------------------------------
 
 def test_probe_perplexity_aqlm_2bit_below_rtn_2bit_on_the_same_modules(embedded_model_dir, tmp_path):
-    """AQLM claims usable 2-bit weights where round-to-nearest breaks down. Quantizing the MLPs of two
-    middle layers (the rest kept; the whole model would take most of an hour on these cores), the
-    probe perplexity orders fp16 < AQLM 2-bit < RTN 2-bit (g128)."""
-    keep = "+method.layer_bits={model.*:16,layers.10.mlp.*:2,layers.11.mlp.*:2}"
+    """AQLM claims usable 2-bit weights where round-to-nearest breaks down. Quantizing the MLP of one
+    middle layer (the rest kept: the whole model takes most of an hour on these cores), the probe
+    perplexity orders fp16 < AQLM 2-bit < RTN 2-bit (g128). (Measured: 30.4 < 31.7 < 34.9; with layers
+    10 and 11 and the default settings 30.4 < 39.0 < 47.4, GPTQ g128 41.1: docs/benchmarks.md.)"""
+    keep = "+method.layer_bits={model.*:16,layers.10.mlp.*:2}"
     base_cfg = make_config("model=smollm2-135m")
     base, tokenizer = load_model(base_cfg.model, "cpu", base_cfg.cache_dir)
     tokens = probe_tokens(tokenizer, [2, 3], 1024)
     ppl = {"fp16": probe_perplexity(base, tokens, 512)}
     for label, overrides in {"rtn2": ["method=rtn", "group_size=128"], "aqlm2": QUICK}.items():
-        cfg = make_config("model=smollm2-135m", "bits=2", "calibration.nsamples=64", "calibration.seqlen=256", keep,
+        cfg = make_config("model=smollm2-135m", "bits=2", "calibration.nsamples=32", "calibration.seqlen=256", keep,
                           *overrides)
         method = get_method(cfg.method_name)(cfg)
         method.attach(tokenizer, str(tmp_path / label))
