@@ -32,11 +32,12 @@ from sweep.quant.sequential import SequentialCalibration
 # RMS logit difference between the reloaded packed model and the quantizer's weights, relative to
 # the logits' spread, that still counts as the same model (kernels round differently).
 RELOAD_TOLERANCE = 0.05
-# Measured (docs/benchmarks.md): the 4-layer embedded model takes minutes on 2 CPU cores, the
-# 30-layer one most of an hour; a GPU does it in minutes.
-CPU_REFUSAL = ("method=aqlm quantizes on a CUDA GPU: on CPU its beam search and codebook training take most of an "
-               "hour for the 30-layer embedded model on 2 cores (docs/benchmarks.md). Run it with device=cuda, or "
-               "set method.allow_cpu=true to quantize on CPU anyway (small models, tests)")
+# docs/benchmarks.md: with the defaults a linear of the embedded model takes ~15-25 s on 2 CPU cores
+# (~4 s of the 1B shape's on the H200), so its 210 linears take about an hour on CPU.
+CPU_REFUSAL = ("method=aqlm quantizes on a CUDA GPU: on CPU its beam search and codebook training take about an hour "
+               "for the 30-layer embedded model on 2 cores (docs/benchmarks.md). Run it with device=cuda, or set "
+               "method.allow_cpu=true to quantize on CPU anyway (a few modules via method.layer_bits, small models, "
+               "tests)")
 
 
 @dataclass
