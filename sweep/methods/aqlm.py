@@ -14,7 +14,7 @@ transformers' AqlmConfig and reloaded through transformers' AQLM integration ont
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
 import torch
@@ -24,7 +24,7 @@ from sweep.backends import aqlm_backend
 from sweep.backends.checkpoint import scratch_dir
 from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
-from sweep.quant.aqlm import AQLMSettings, aqlm_quantize
+from sweep.quant.aqlm import AQLMSearch, AQLMSettings, aqlm_quantize
 from sweep.quant.layer_bits import KEEP_BITS, parse_layer_bits
 from sweep.quant.layers import quantizable_linears
 from sweep.quant.sequential import SequentialCalibration
@@ -41,16 +41,11 @@ CPU_REFUSAL = ("method=aqlm quantizes on a CUDA GPU: on CPU its beam search and 
 
 
 @dataclass
-class AQLMOptions(MixedPrecisionOptions):
+class AQLMOptions(MixedPrecisionOptions, AQLMSearch):
     # null: bits * in_group_size / nbits_per_codebook (bits=2 with the defaults: 2 codebooks, "2x8").
     num_codebooks: Optional[int] = None
     nbits_per_codebook: int = 8
     in_group_size: int = 8
-    rounds: int = 3            # beam search + codebook update, alternated
-    beam_size: int = 4
-    kmeans_iters: int = 10
-    codebook_steps: int = 50   # Adam steps per round
-    codebook_lr: float = 1e-3
     true_sequential: bool = True
     allow_cpu: bool = False
 
@@ -116,10 +111,9 @@ class AQLM(QuantMethod):
 
     def settings(self, seed: int) -> AQLMSettings:
         o = self.options
+        search = {f.name: getattr(o, f.name) for f in fields(AQLMSearch)}
         return AQLMSettings(num_codebooks=self.num_codebooks(self.cfg.bits, o), nbits_per_codebook=o.nbits_per_codebook,
-                            in_group_size=o.in_group_size, rounds=o.rounds, beam_size=o.beam_size,
-                            kmeans_iters=o.kmeans_iters, codebook_steps=o.codebook_steps, codebook_lr=o.codebook_lr,
-                            damp=self.cfg.damp_percent, seed=seed)
+                            in_group_size=o.in_group_size, damp=self.cfg.damp_percent, seed=seed, **search)
 
     @torch.no_grad()
     def quantize(self, model, calibration, progress) -> QuantReport:

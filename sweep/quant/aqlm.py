@@ -26,15 +26,21 @@ import torch
 
 
 @dataclass
-class AQLMSettings:
-    num_codebooks: int = 2
-    nbits_per_codebook: int = 8
-    in_group_size: int = 8
+class AQLMSearch:
+    """How long the quantizer searches (method=aqlm's options take these over: conf/method/aqlm.yaml)."""
+
     rounds: int = 3              # beam search + codebook update, alternated
     beam_size: int = 4
     kmeans_iters: int = 10
     codebook_steps: int = 50     # Adam steps per round
     codebook_lr: float = 1e-3
+
+
+@dataclass
+class AQLMSettings(AQLMSearch):
+    num_codebooks: int = 2
+    nbits_per_codebook: int = 8
+    in_group_size: int = 8
     # λ = damp · mean(diag H) added to H's diagonal, as GPTQ does: with fewer calibration tokens than
     # inputs H is singular, and without it codes and codebooks fit the calibration subspace only.
     damp: float = 0.01
