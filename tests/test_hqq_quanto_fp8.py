@@ -9,14 +9,12 @@ path, hqq's int4 kernel and quanto's float8 weights need a CUDA GPU and skip, sa
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import EXPERIMENT, REPO, make_config, run_sweep
+from conftest import make_config, run_report, run_sweep
 from sweep.backends.fp8_linear import Fp8DynamicLinear, Fp8WeightOnlyLinear, has_fp8_tensor_cores
 from sweep.config.schema import ConfigError
 from sweep.infra.progress import Progress
@@ -204,10 +202,8 @@ def test_hqq_and_quanto_sweep_reads_back_in_the_report(tmp_path, embedded_model_
     # Packed runs are timed (8 new tokens keep that short); the baseline is not needed to read them back.
     proc = run_sweep(tmp_path, "sweep", "method=hqq,quanto", "bits=4", "baseline=false", "bench.max_new_tokens=8")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = subprocess.run([sys.executable, "-m", "sweep.report", "--experiment", EXPERIMENT, "--tracking-uri",
-                             f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "report")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
+    report = run_report(tmp_path, tmp_path / "report")
+    assert report.returncode == 0, report.stdout
     csv = next(p for p in (tmp_path / "report").glob("sweep-*.csv") if not p.stem.endswith("-runs"))
     rows = pd.read_csv(csv).set_index("method")
     assert set(rows.index) == {"hqq", "quanto"}

@@ -2,7 +2,7 @@
 verdicts in the report, and a grid point that reproduces bit for bit in a fresh process.
 
 One real sweep of the 4-layer model (`method=gptq bits=3,4 seed=0,1`, no fp16 in the grid) into a
-temporary store, read back by `python -m sweep.report`.
+temporary store, read back by the report (`sweep.report.main`, in this process).
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import EXPERIMENT, FAST, REPO, run_sweep
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import EXPERIMENT, FAST, REPO, run_report, run_sweep
 
 QUALITY = ("wikitext.word_perplexity", "wikitext.byte_perplexity", "lambada.perplexity", "lambada.acc")
 
@@ -37,10 +39,8 @@ def seeds(tmp_path_factory, embedded_model_dir):
     tmp = tmp_path_factory.mktemp("seeds")
     proc = run_sweep(tmp, "grid", "method=gptq", "bits=3,4", "seed=0,1")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = subprocess.run([sys.executable, "-m", "sweep.report", "--experiment", EXPERIMENT, "--tracking-uri",
-                             f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "report")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr[-4000:]
+    report = run_report(tmp, tmp / "report")
+    assert report.returncode == 0, report.stdout[-4000:]
     table = pd.read_csv(next(p for p in (tmp / "report").glob("sweep-*.csv") if not p.stem.endswith("-runs")))
     return tmp, proc, report, table
 
@@ -125,14 +125,19 @@ def test_a_relaunch_reuses_the_baseline_and_a_new_sweep_reuses_it_too(seeds):
     assert summary.loc[summary["method"] == "rtn", "delta_word_ppl"].notna().all()
 
 
-def test_report_without_a_sweep_shows_the_latest_runs(tmp_path, embedded_model_dir):
-    proc = _single(tmp_path, "method=rtn", "bits=8")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "no finished fp16 run" in proc.stderr  # nothing to compare with yet, and it says so
-    report = subprocess.run([sys.executable, "-m", "sweep.report", "--experiment", EXPERIMENT, "--tracking-uri",
-                             f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "report")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
+def test_report_without_a_sweep_shows_the_latest_runs(tmp_path, monkeypatch, capsys, embedded_model_dir):
+    # The single run and the report in this process (a single run's CLI in a fresh process is
+    # test_a_grid_point_reproduces_bit_for_bit_in_a_fresh_process's; the report's, test_sweep_e2e's).
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["sweep", *FAST, "method=rtn", "bits=8", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                      f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/run"])
+    from sweep.__main__ import app
+
+    GlobalHydra.instance().clear()
+    app()
+    assert "no finished fp16 run" in capsys.readouterr().err  # nothing to compare with yet, and it says so
+    report = run_report(tmp_path, tmp_path / "report")
+    assert report.returncode == 0, report.stdout
     assert "no sweep in experiment" in report.stdout and "rtn 8b" in report.stdout
     assert (tmp_path / "report" / "latest.csv").is_file()
 

@@ -52,6 +52,21 @@ def task_manager(cache_dir: Path):
     return TaskManager(include_path=str(write_task_dir(cache_dir / "lm_eval_tasks")), include_defaults=False)
 
 
+@contextlib.contextmanager
+def _without_env_info():
+    """lm-eval adds the machine's environment to its results (torch's collect_env, which runs `pip list`
+    in a subprocess: about 1 s per call). sweep keeps only results, sample counts, configs and versions
+    from them (its own environment tags are on every run), so that entry is not collected."""
+    import lm_eval.evaluator as evaluator
+
+    real = evaluator.add_env_info
+    evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = real
+
+
 def evaluate(model, tokenizer, cfg: EvalConfig, cache_dir: Path,
              seed: int = 0) -> Tuple[Dict[str, float], Dict[str, Any], Dict[str, Dict[str, list]]]:
     """Run each configured task (each with its own limit).
@@ -73,7 +88,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, cache_dir: Path,
     samples = {names[task]: list(range(limit)) for task, limit in cfg.limit.items()
                if task in names and limit is not None}
     printed = io.StringIO()  # lm-eval prints ("bootstrapping for stddev: ...") besides logging: to the log
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), _without_env_info():
         out = lm_eval.simple_evaluate(
             model=lm, tasks=list(names.values()), task_manager=task_manager(cache_dir), samples=samples or None,
             bootstrap_iters=cfg.bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
