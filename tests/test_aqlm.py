@@ -11,15 +11,13 @@ same modules.
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
 
-from conftest import EXPERIMENT, REPO, make_config, run_sweep
+from conftest import make_config, run_report, run_sweep
 from sweep.backends import aqlm_backend
 from sweep.config.schema import ConfigError
 from sweep.data.calibration import build_samples
@@ -145,7 +143,7 @@ def test_a_packed_layer_computes_what_the_quantizer_reconstructs(real_layer, dty
 
 def test_a_cli_run_reloads_the_checkpoint_onto_aqlm_kernels_and_logs_it(tmp_path, embedded_model_dir):
     # Layer 0's attention only: the 4-layer model's quality is not the point here (see the next test).
-    proc = run_sweep(tmp_path, "aqlm", *QUICK, "bits=2", "baseline=false", "bench.max_new_tokens=8",
+    proc = run_sweep(tmp_path, "aqlm", *QUICK, "bits=2", "baseline=false",
                      "+method.layer_bits={model.*:16,layers.0.self_attn.*:2}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -161,10 +159,8 @@ def test_a_cli_run_reloads_the_checkpoint_onto_aqlm_kernels_and_logs_it(tmp_path
     assert metrics["memory.disk_mb"] > 0 and metrics["wikitext.word_perplexity"] > 1
     # 2 code bits per weight plus codebooks and scales on the 4 quantized modules; the rest at 16 bits.
     assert 2 < metrics["quant.bits_per_weight"] < 16
-    report = subprocess.run([sys.executable, "-m", "sweep.report", "--experiment", EXPERIMENT, "--tracking-uri",
-                             f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "report")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
+    report = run_report(tmp_path, tmp_path / "report")
+    assert report.returncode == 0, report.stdout
     csv = next(p for p in (tmp_path / "report").glob("sweep-*.csv") if not p.stem.endswith("-runs"))
     row = pd.read_csv(csv).set_index("method").loc["aqlm"]
     assert row["weights"] == "packed" and row["kernel"].startswith("aqlm dequantize_gemm")
