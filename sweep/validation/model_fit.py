@@ -89,14 +89,29 @@ def layer_bits_target_errors(cfg: SweepConfig) -> List[str]:
     return [unmatched_message(unmatched, names, cfg.quantize_lm_head)] if unmatched else []
 
 
-@lru_cache(maxsize=8)  # a grid validates every point; the skeleton is the same for all of them
+class _NoSkeleton(Exception):
+    pass
+
+
 def _target_names(path: str, num_layers: Optional[int], trust_remote_code: bool, cache_dir: str,
                   quantize_lm_head: bool) -> Optional[Tuple[str, ...]]:
+    """The module names the method would quantize, or None while the model's config is not on this
+    machine. Only found names are cached: an embedded model converted later in the same process
+    (a test session's first validation can come before its conversion) is then looked up again."""
+    try:
+        return _cached_target_names(path, num_layers, trust_remote_code, cache_dir, quantize_lm_head)
+    except _NoSkeleton:
+        return None
+
+
+@lru_cache(maxsize=8)  # a grid validates every point; the skeleton is the same for all of them
+def _cached_target_names(path: str, num_layers: Optional[int], trust_remote_code: bool, cache_dir: str,
+                         quantize_lm_head: bool) -> Tuple[str, ...]:
     try:
         skeleton = model_skeleton(ModelConfig(path=path, num_layers=num_layers, trust_remote_code=trust_remote_code),
                                   cache_dir)
-    except Exception:  # noqa: BLE001 - an unreadable model config is reported by the model load itself
-        return None
+    except Exception as exc:  # noqa: BLE001 - an unreadable model config is reported by the model load itself
+        raise _NoSkeleton from exc
     if skeleton is None:
-        return None
+        raise _NoSkeleton
     return tuple(quantizable_linears(skeleton, include_lm_head=quantize_lm_head))
