@@ -125,15 +125,13 @@ def aqlm_quantize(W: torch.Tensor, H: torch.Tensor, settings: AQLMSettings,
         codebooks[m], codes[:, m] = kmeans(residual, K, s.kmeans_iters, generator)
         residual = residual - codebooks[m][codes[:, m]]
     codes = codes.reshape(out, cols // g, M)
-    initial = float(relative_error(W, reconstruct(codes, codebooks, scales), H))
+    initial = loss = float(relative_error(W, reconstruct(codes, codebooks, scales), H))
 
     for r in range(s.rounds):
         codes = beam_search(W, H, codes, codebooks, scales, s.beam_size)
-        codebooks, scales = refine_codebooks(W, H, codes, codebooks, scales, s.codebook_steps, s.codebook_lr)
+        codebooks, scales, loss = refine_codebooks(W, H, codes, codebooks, scales, s.codebook_steps, s.codebook_lr)
         if progress is not None:
-            progress(f"round {r + 1}/{s.rounds}: relative error "
-                     f"{float(relative_error(W, reconstruct(codes, codebooks, scales), H)):.4g}")
-    loss = float(relative_error(W, reconstruct(codes, codebooks, scales), H))
+            progress(f"round {r + 1}/{s.rounds}: relative error {loss:.4g}")
     return AQLMResult(codes=codes, codebooks=codebooks, scales=scales, initial_loss=initial, loss=loss)
 
 
@@ -188,7 +186,8 @@ def beam_search(W, H, codes, codebooks, scales, beam_size: int, block: int = 128
 
 @torch.no_grad()
 def refine_codebooks(W, H, codes, codebooks, scales, steps: int, lr: float):
-    """Codebooks and (log-)scales by Adam on the relative output error, codes fixed (never worse than given).
+    """Codebooks and (log-)scales by Adam on the relative output error, codes fixed (never worse than
+    given), and that error.
 
     The gradient is written out rather than taken by autograd, whose backward of the codebook lookup
     accumulates in a thread-dependent order: this way a seed gives the same codebooks bit for bit.
@@ -211,9 +210,10 @@ def refine_codebooks(W, H, codes, codebooks, scales, steps: int, lr: float):
         params[1].grad = (G * W_hat).sum(1)
         optimizer.step()
     books, scales_now = params[0], params[1].exp()
-    if float(relative_error(W, reconstruct(codes, books, scales_now), H)) < start:
-        return books, scales_now
-    return codebooks, scales  # Adam overshot: keep what came in
+    error = float(relative_error(W, reconstruct(codes, books, scales_now), H))
+    if error < start:
+        return books, scales_now, error
+    return codebooks, scales, start  # Adam overshot: keep what came in
 
 
 def storage_bits(out_features: int, in_features: int, settings: AQLMSettings, float_bits: int = 16) -> float:

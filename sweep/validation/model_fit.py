@@ -23,16 +23,24 @@ from sweep.quant.layer_bits import parse_layer_bits, unmatched_message, unmatche
 from sweep.quant.layers import quantizable_linears
 
 
+def _ragged(sizes: Dict[str, int], size: int, candidates: Tuple[int, ...]) -> Optional[Tuple[str, List[int]]]:
+    """Where `size` does not divide a layer's in_features: ("n = layer, ..." listing, the candidate sizes
+    that divide them all), or None when it divides every one."""
+    ragged = {what: n for what, n in sizes.items() if n % size}
+    if not ragged:
+        return None
+    allowed = [g for g in candidates if all(n % g == 0 for n in sizes.values())]
+    return ", ".join(f"{n} = {what}" for what, n in ragged.items()), allowed
+
+
 def group_size_errors(cfg: SweepConfig, model_config: Dict[str, Any]) -> List[str]:
     method = get_method(cfg.method_name)
     if "group_size" not in method.knobs or cfg.group_size == -1 or method.handles_ragged_groups(cfg):
         return []
-    sizes = linear_in_features(model_config)
-    ragged = {what: n for what, n in sizes.items() if n % cfg.group_size}
-    if not ragged:
+    found = _ragged(linear_in_features(model_config), cfg.group_size, (16, 32, 64, 128, 256))
+    if found is None:
         return []
-    allowed = [g for g in (16, 32, 64, 128, 256) if all(n % g == 0 for n in sizes.values())]
-    listing = ", ".join(f"{n} = {what}" for what, n in ragged.items())
+    listing, allowed = found
     return [f"group_size={cfg.group_size} does not divide in_features of model {cfg.model.name!r} ({listing}), "
             f"and method {cfg.method_name} cannot quantize a ragged last group: allowed here are -1"
             + "".join(f", {g}" for g in allowed)]
@@ -47,12 +55,10 @@ def input_group_errors(cfg: SweepConfig, model_config: Dict[str, Any]) -> List[s
         return []
     if not size or size < 1:
         return []
-    sizes = linear_in_features(model_config)
-    ragged = {what: n for what, n in sizes.items() if n % size}
-    if not ragged:
+    found = _ragged(linear_in_features(model_config), size, (1, 2, 4, 8, 16, 32))
+    if found is None:
         return []
-    listing = ", ".join(f"{n} = {what}" for what, n in ragged.items())
-    allowed = [g for g in (1, 2, 4, 8, 16, 32) if all(n % g == 0 for n in sizes.values())]
+    listing, allowed = found
     return [f"method.in_group_size={size} does not divide in_features of model {cfg.model.name!r} ({listing}): "
             f"method {cfg.method_name} needs whole groups; allowed here are {', '.join(map(str, allowed))}"]
 
