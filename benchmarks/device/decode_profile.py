@@ -36,7 +36,8 @@ GROUP = 128
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              head_dim=128, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
              rope_theta=500000.0, tie_word_embeddings=False)
-VARIANTS = ("fp16", "int4", "int4_fused_mlp", "int4_fused", "bf16", "int4_bf16_fused")
+VARIANTS = ("fp16", "int4", "int4_fused_mlp", "int4_fused", "bf16", "int4_bf16_fused", "int4_bf16_fused_head",
+            "gemv_bf16_fused", "gemv_bf16_fused_head")
 GEMLITE = False
 DEVICE = "cuda"  # --device cpu: a quick functional check of this script, timings meaningless
 
@@ -76,6 +77,21 @@ def replace_decoder_linears(model, build):
 def tinygemm_layer(codes, scales, zeros):
     """A tinygemm int4 layer from codes [out, in] and group scales/zeros [out, in/g] (GPTQ's w = (q - z) * s)."""
     return TinyGemmInt4Linear(codes.int(), scales.t().contiguous().half(), zeros.t().contiguous(), GROUP)
+
+
+def gemv_layer(codes, scales, zeros):
+    """The project's CUDA int4 GEMV layer (sweep/backends/cuda_int4.py), bfloat16 activations and scales."""
+    from sweep.backends.cuda_int4 import GemvInt4Linear
+
+    return GemvInt4Linear(codes, scales, zeros, GROUP, dtype=torch.bfloat16)
+
+
+def replace_head(model, build):
+    """The LM head on the same kernel (random codes; the head is ~1 GB of a bf16 8B model's 16 GB)."""
+    head = model.lm_head
+    model.lm_head = build(*random_source(*head.weight.shape))
+    del head
+    torch.cuda.empty_cache()
 
 
 def gemlite_layer(codes, scales, zeros):
@@ -277,7 +293,21 @@ def run_variant(variant, layers, new_tokens, modes):
     if variant.startswith("int4"):
         replace_decoder_linears(model, tinygemm_layer)
         if "fused" in variant:
-            row["fused"] = fuse_projections(model, qkv=not variant.endswith("fused_mlp"))
+            row["fused"] = fuse_projections(model, qkv="fused_mlp" not in variant)
+        if variant.endswith("_head"):
+            replace_head(model, tinygemm_layer)
+    if variant.startswith("gemv"):  # e.g. gemv_bf16_fused_head
+        from sweep.backends.cuda_int4 import GemvInt4Linear
+
+        replace_decoder_linears(model, gemv_layer)
+        if "fused" in variant:
+            # A one-token probe: the GEMV path itself (per-row sums, so fusing changes nothing); a
+            # longer probe would compare cuBLAS matmuls of different widths, which round differently.
+            row["fused"] = fuse_projections(model, fusable=lambda m: isinstance(m, GemvInt4Linear),
+                                            concatenate=GemvInt4Linear.concatenate,
+                                            probe_ids=torch.ones(1, 1, dtype=torch.long, device=DEVICE))
+        if variant.endswith("_head"):
+            replace_head(model, gemv_layer)
     row["weights_mb"] = round(weight_mb(model))
     try:
         if "generate" in modes:

@@ -38,13 +38,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer Triton tile configurations")
     ap.add_argument("--no-fp8", action="store_true", help="leave out the FP8 modules")
+    ap.add_argument("--no-tinygemm", action="store_true", help="leave out tinygemm")
+    ap.add_argument("--cuda", action="store_true", help="also build and time the CUDA C++ kernel (sweep/backends/cuda_int4.py)")
+    ap.add_argument("--converts", default="0,1,2",
+                    help="the Triton kernel's nibble-to-float conversions to time (sweep/backends/triton_int4.py)")
     args = ap.parse_args()
+    converts = [int(c) for c in args.converts.split(",") if c.strip()]   # "" = no Triton kernel
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__})
-    # (block_n, block_k, num_warps, split_k)
-    configs = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048, 4096], [1, 2, 4, 8], [1, 2], [True, False]))
+    # (block_n, block_k, num_warps, split_k, per_group_scales, convert): the integer-to-float conversion
+    # (0) only on the tiles that were best for it (third visit), the bitcast conversions on a grid.
+    configs = [(8, 2048, 4, 1, True, 0), (16, 4096, 8, 1, True, 0), (16, 2048, 4, 1, True, 0)]
+    configs = [c for c in configs if c[-1] in converts]
+    configs += [(bn, bk, w, sk, True, 2) for bn, bk, w, sk in itertools.product([8, 16, 32], [1024, 2048, 4096], [4, 8], [1, 2])
+                if 2 in converts]
+    configs += [(bn, bk, w, 1, True, 1) for bn, bk, w in [(8, 1024, 4), (8, 2048, 4), (16, 2048, 4), (16, 4096, 8), (32, 2048, 8)]
+                if 1 in converts]
     if args.quick:
-        configs = [(8, 1024, 2, 1, True), (8, 1024, 2, 1, False), (4, 2048, 2, 1, True)]
+        configs = [(8, 1024, 2, 1, True, c) for c in converts]
     for name, (k, n) in SHAPES.items():
         copies = 16 if n * k < 64 * 2**20 else 4
         x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
@@ -60,31 +71,59 @@ def main():
                      * scales.to(torch.bfloat16).float().repeat_interleave(GROUP, 1))
         expected = x.float() @ reference.t()
         del reference
-        tiny = [TinyGemmInt4Linear(c.int(), s.t().contiguous().half(), z.t().contiguous(), GROUP) for c, s, z in sources]
-        tt = graph_time(lambda: [layer(x) for layer in tiny]) / copies
-        row.update(tinygemm_us=round(tt * 1e6, 2), tinygemm_TBps=round(int4_bytes / tt / 1e12, 2))
-        del tiny
+        tt = float("nan")
+        if not args.no_tinygemm:
+            tiny = [TinyGemmInt4Linear(c.int(), s.t().contiguous().half(), z.t().contiguous(), GROUP) for c, s, z in sources]
+            tt = graph_time(lambda: [layer(x) for layer in tiny]) / copies
+            row.update(tinygemm_us=round(tt * 1e6, 2), tinygemm_TBps=round(int4_bytes / tt / 1e12, 2))
+            del tiny
         packed = [pack(c, s, z, torch.bfloat16) for c, s, z in sources]
         del sources
-        for grouped in (True, False):
-            y = gemv_int4(x, *packed[0], GROUP, per_group_scales=grouped)
-            row[f"triton_rel_err_{'grouped' if grouped else 'per_word'}"] = round(
+        for convert in converts:
+            y = gemv_int4(x, *packed[0], GROUP, convert=convert)
+            row[f"triton_rel_err_convert{convert}"] = round(
                 ((y.float() - expected).abs().max() / expected.abs().max()).item(), 5)
-        best = None
-        for block_n, block_k, warps, split, grouped in configs:
+        best = {}
+        for block_n, block_k, warps, split, grouped, convert in configs:
             if k % (block_k * split):
                 continue
             try:
-                t = graph_time(lambda: [gemv_int4(x, *p, GROUP, block_n, block_k, warps, split, grouped) for p in packed]) / copies
+                t = graph_time(lambda: [gemv_int4(x, *p, GROUP, block_n, block_k, warps, split, grouped, convert)
+                                        for p in packed]) / copies
             except Exception as err:  # a tile the compiler refuses (registers, shared memory)
-                emit({"shape": name, "config": [block_n, block_k, warps, split, grouped], "error": f"{type(err).__name__}: {str(err)[:200]}"})
+                emit({"shape": name, "config": [block_n, block_k, warps, split, grouped, convert],
+                      "error": f"{type(err).__name__}: {str(err)[:200]}"})
                 continue
-            if best is None or t < best[0]:
-                best = (t, (block_n, block_k, warps, split, grouped))
-        if best:
-            row.update(triton_us=round(best[0] * 1e6, 2), triton_TBps=round(int4_bytes / best[0] / 1e12, 2),
-                       triton_config=best[1], triton_vs_bf16=round(t16 / best[0], 2),
-                       tinygemm_vs_bf16=round(t16 / tt, 2))
+            if convert not in best or t < best[convert][0]:
+                best[convert] = (t, (block_n, block_k, warps, split, grouped, convert))
+        for convert, (t, config) in best.items():
+            key = f"triton{convert}"
+            row.update({f"{key}_us": round(t * 1e6, 2), f"{key}_TBps": round(int4_bytes / t / 1e12, 2),
+                        f"{key}_config": config, f"{key}_vs_bf16": round(t16 / t, 2)})
+        row["tinygemm_vs_bf16"] = round(t16 / tt, 2)
+        if args.cuda:  # the CUDA C++ kernel (sweep/backends/cuda_int4.py), same packed buffers
+            try:
+                from sweep.backends import cuda_int4
+                y = cuda_int4.gemv_int4(x, *packed[0], GROUP)
+                row["cuda_rel_err"] = round(((y.float() - expected).abs().max() / expected.abs().max()).item(), 5)
+                for pipeline in (False, True):
+                    best_cuda = None
+                    for rows_per_block, (per_thread, per_step) in itertools.product(
+                            [8, 16, 32, 64, 128], [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 1), (4, 2)]):
+                        threads = k // (32 * per_thread)
+                        if k % (32 * per_thread) or threads % 32 or threads > 512 or rows_per_block % per_step \
+                                or (pipeline and rows_per_block < 2 * per_step):
+                            continue
+                        t = graph_time(lambda: [cuda_int4.gemv_int4(x, *p, GROUP, rows_per_block, per_thread, per_step,
+                                                                    pipeline) for p in packed]) / copies
+                        if best_cuda is None or t < best_cuda[0]:
+                            best_cuda = (t, (rows_per_block, per_thread, per_step, pipeline))
+                    key = "cuda_pipelined" if pipeline else "cuda"
+                    row.update({f"{key}_us": round(best_cuda[0] * 1e6, 2),
+                                f"{key}_TBps": round(int4_bytes / best_cuda[0] / 1e12, 2),
+                                f"{key}_config": best_cuda[1], f"{key}_vs_bf16": round(t16 / best_cuda[0], 2)})
+            except Exception as err:
+                row["cuda_error"] = f"{type(err).__name__}: {str(err)[-1500:]}"
         del packed
         # FP8 at batch 1 (the packed modules of method=fp8)
         try:

@@ -57,6 +57,10 @@ case "$1" in
   8b-bf16-graph) # the 8B shape in bfloat16 (Llama-3.1's own dtype; tinygemm computes in it): fp16-free pair, graph loop only
     sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 calibration.nsamples=128 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
+  8b-gemv)   # bfloat16 8B shape: GPTQ 4-bit on the project's CUDA GEMV (sweep/backends/cuda_int4.py), fused, graph loop
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
+  8b-bf16-ref) # the bfloat16 reference of the 8B shape alone, graph loop (for a ratio measured in the same visit)
+    sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1 ;;
   8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused
     sweep $big model.dtype=bfloat16 method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 method.fuse_projections=false calibration.nsamples=128 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;

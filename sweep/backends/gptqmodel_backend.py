@@ -22,6 +22,7 @@ from sweep.backends.checkpoint import (
     save_for_backend,
     scratch_dir,
 )
+from sweep.backends.cuda_int4 import KERNEL as GEMV
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm import fits as tinygemm_fits
 
@@ -35,6 +36,8 @@ GPTQ_KERNEL_BITS = {
     "gptq_marlin": (4, 8),      # built for batch-1 decode; its CUDA code compiles on first use (~4 min);
                                 # its compiled decode broke 54 times on an H100 (docs/benchmarks.md)
     TINYGEMM: (4,),             # PyTorch's own int4 matmul (sweep/backends/tinygemm.py), loaded via gptq_torch
+    GEMV: (4,),                 # the project's CUDA int4 GEMV for batch-1 decode (sweep/backends/cuda_int4.py),
+                                # built with the machine's nvcc on first use; loaded via gptq_torch
 }
 AWQ_KERNEL_BITS = {"awq_gemm_triton": (4,), "awq_torch": (4,), "awq_gemm": (4,), "awq_marlin": (4,)}
 PACKED_GPTQ_BITS = (2, 3, 4, 8)
@@ -98,12 +101,27 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, qu
 def load_packed(packed_dir: str, device: str, kernel: str, fuse: bool = False):
     """A GPTQ-format checkpoint loaded for inference on `kernel` (the transformers model).
 
-    fuse: on tinygemm_int4, run each attention's q/k/v and each MLP's gate/up as one matmul
-    (sweep/backends/tinygemm_fusion.py); other kernels ignore it."""
+    fuse: on tinygemm_int4 and gemv_int4, run each attention's q/k/v and each MLP's gate/up as one
+    matmul (sweep/backends/tinygemm_fusion.py); other kernels ignore it."""
     require("gptqmodel")
     from gptqmodel import GPTQModel
 
-    if kernel == TINYGEMM:
+    if kernel == GEMV:
+        from sweep.backends import cuda_int4
+        from sweep.backends.tinygemm import convert_model
+
+        model = GPTQModel.load(packed_dir, device=device, backend="gptq_torch").model
+        dtype = next((b.dtype for b in model.buffers() if b.is_floating_point()), torch.bfloat16)
+        convert_model(model, check_with=lambda module: module.dequantize_weight(),
+                      build=lambda module: cuda_int4.from_gptq_module(module, dtype), kernel=GEMV)
+        if fuse:
+            from sweep.backends.tinygemm_fusion import fuse_projections
+
+            log.info("fused projections: %s", fuse_projections(
+                model, fusable=cuda_int4.is_gemv_layer, concatenate=cuda_int4.GemvInt4Linear.concatenate,
+                probe_ids=cuda_int4.one_token_probe(model)))
+        free_accelerator_memory()
+    elif kernel == TINYGEMM:
         from sweep.backends.tinygemm import convert_model
 
         # GPTQModel's pure-torch layers unpack the checkpoint (incl. its zero-point format);

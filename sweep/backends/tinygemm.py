@@ -161,19 +161,26 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     return codes, zeros
 
 
-def from_gptq_module(module: nn.Module) -> TinyGemmInt4Linear:
-    """Build the tinygemm layer from a GPTQModel quant-linear (v2 zero points in memory)."""
+def gptq_module_parts(module: nn.Module, kernel: str = KERNEL):
+    """(codes [out, in], scales [groups, out], zeros [groups, out], group_size) of a 4-bit GPTQModel
+    quant-linear with contiguous groups (v2 zero points in memory), for the kernels that repack them."""
     if getattr(module, "bits", None) != 4:
-        raise TinyGemmError(f"{KERNEL} runs 4-bit weights only, this layer has bits={getattr(module, 'bits', None)}")
+        raise TinyGemmError(f"{kernel} runs 4-bit weights only, this layer has bits={getattr(module, 'bits', None)}")
     in_features, group_size = module.in_features, module.group_size
     if group_size == -1:
         group_size = in_features if in_features in GROUP_SIZES else -1
     expected = torch.arange(in_features, device=module.g_idx.device) // max(group_size, 1)
     if group_size == -1 or not torch.equal(module.g_idx[:in_features].long(), expected):
-        raise TinyGemmError(f"{KERNEL} needs contiguous groups of 32-256 columns: act-order (desc_act) and "
+        raise TinyGemmError(f"{kernel} needs contiguous groups of 32-256 columns: act-order (desc_act) and "
                             "per-channel (group_size=-1) checkpoints cannot run on it")
     codes, zeros = unpack_gptq(module.qweight, module.qzeros, module.scales, in_features)
-    return TinyGemmInt4Linear(codes, module.scales, zeros, group_size, bias=getattr(module, "bias", None))
+    return codes, module.scales, zeros, group_size
+
+
+def from_gptq_module(module: nn.Module) -> TinyGemmInt4Linear:
+    """Build the tinygemm layer from a GPTQModel quant-linear (v2 zero points in memory)."""
+    codes, scales, zeros, group_size = gptq_module_parts(module)
+    return TinyGemmInt4Linear(codes, scales, zeros, group_size, bias=getattr(module, "bias", None))
 
 
 def gptq_reference_weight(module: nn.Module) -> torch.Tensor:
@@ -188,8 +195,8 @@ def _is_gptq_quant_linear(module: nn.Module) -> bool:
         and isinstance(getattr(module, "qweight"), torch.Tensor)
 
 
-def convert_model(model: nn.Module, check_with=None) -> Dict[str, int]:
-    """Replace every 4-bit GPTQ quant-linear in `model` by a TinyGemmInt4Linear, in place.
+def convert_model(model: nn.Module, check_with=None, build=from_gptq_module, kernel: str = KERNEL) -> Dict[str, int]:
+    """Replace every 4-bit GPTQ quant-linear in `model` by `build(module)` (a TinyGemmInt4Linear), in place.
 
     `check_with(module) -> [in, out] weight` (GPTQ's layout) is the loading library's own dequantization:
     the first layer's tinygemm weights are compared with it, so a packing-convention mismatch (e.g.
@@ -197,26 +204,26 @@ def convert_model(model: nn.Module, check_with=None) -> Dict[str, int]:
     """
     targets = [(name, m) for name, m in model.named_modules() if _is_gptq_quant_linear(m)]
     if not targets:
-        raise TinyGemmError(f"{KERNEL}: the model has no GPTQ-packed layers to convert")
+        raise TinyGemmError(f"{kernel}: the model has no GPTQ-packed layers to convert")
     for index, (name, module) in enumerate(targets):
         try:
-            fast = from_gptq_module(module)
+            fast = build(module)
         except TinyGemmError as err:
             raise TinyGemmError(f"{name}: {err}") from None
         if index == 0:
-            _check_first_layer(name, module, fast, check_with)
+            _check_first_layer(name, module, fast, check_with, kernel)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fast)
         del module
     return {"converted": len(targets)}
 
 
-def _check_first_layer(name, module, fast: TinyGemmInt4Linear, check_with) -> None:
+def _check_first_layer(name, module, fast: nn.Module, check_with, kernel: str = KERNEL) -> None:
     expected = gptq_reference_weight(module) if check_with is None else check_with(module).float().t()
-    got = fast.dequantized_weight()
+    got = fast.dequantized_weight().float()
     # bfloat16 scales and offsets: about 3 significant digits of each group's scale.
     tolerance = 2e-2 * expected.abs().max().item() + 1e-6
     error = (got - expected).abs().max().item()
     if error > tolerance:
-        raise TinyGemmError(f"{KERNEL}: layer {name} does not reproduce its GPTQ weights (max error {error:.3g} > "
+        raise TinyGemmError(f"{kernel}: layer {name} does not reproduce its GPTQ weights (max error {error:.3g} > "
                             f"{tolerance:.3g}); the checkpoint's packing differs from what this converter reads")

@@ -44,10 +44,20 @@ if triton is not None:
     @triton.jit
     def _gemv_int4_kernel(x_ptr, q_ptr, s_ptr, zs_ptr, y_ptr, N, K, K_PER_SPLIT,
                           GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                          PER_GROUP_SCALES: tl.constexpr):
+                          PER_GROUP_SCALES: tl.constexpr, CONVERT: tl.constexpr):
         # Work on the words as loaded ([BLOCK_N, BLOCK_K / 8], contiguous along the input): nibble i of
         # word w is input column 8w + i, so the 8 nibble planes each meet a strided slice of x. No
         # reshape, so no layout conversion through shared memory.
+        #
+        # CONVERT picks how a nibble becomes a float. 0: shift, mask, integer-to-float conversion,
+        # whose throughput (a quarter of the FMA rate or less) caps the kernel near 2 TB/s on Hopper.
+        # 1 and 2: place the nibble in the mantissa of 128.0 (bits 0x43000000) and reinterpret the
+        # word as a float, which is exact: 0x43000000 | q << 16 is 128 + q, 0x43000000 | q << 12 is
+        # 128 + q / 16. The 128 is taken back once per word from Σ x (the same Σ x the zero point
+        # needs), so each weight costs a shift or two, a mask-and-or (one LOP3) and an FMA.
+        # 2 shares one shift between two nibbles (the even one lands at bits 12-15, the odd at 16-19).
+        # Measured on the H200 (docs/benchmarks.md): 2 is 3-7% faster than 0, so the conversion was not
+        # what held this kernel near 2 TB/s.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,11 +73,42 @@ if triton is not None:
             col = k0 + 8 * words                                          # first column of each word
             inner = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
             xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-            for i in tl.static_range(8):
-                xi = tl.load(x_ptr + col + i).to(tl.float32)
-                qi = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-                inner += qi * xi[None, :]
-                xsum += xi
+            if CONVERT == 0:
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptr + col + i).to(tl.float32)
+                    qi = ((packed >> (4 * i)) & 0xF).to(tl.float32)
+                    inner += qi * xi[None, :]
+                    xsum += xi
+            elif CONVERT == 1:
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptr + col + i).to(tl.float32)
+                    if i <= 4:
+                        shifted = packed << (16 - 4 * i)
+                    else:
+                        shifted = packed >> (4 * i - 16)
+                    qi = ((shifted & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)   # 128 + q
+                    inner += qi * xi[None, :]
+                    xsum += xi
+                inner -= 128.0 * xsum[None, :]
+            else:
+                inner_even = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+                xsum_even = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                xsum_odd = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+                for p in tl.static_range(4):
+                    x_even = tl.load(x_ptr + col + 2 * p).to(tl.float32)
+                    x_odd = tl.load(x_ptr + col + 2 * p + 1).to(tl.float32)
+                    if p <= 1:
+                        shifted = packed << (12 - 8 * p)
+                    else:
+                        shifted = packed >> (8 * p - 12)
+                    q_even = ((shifted & 0x0000F000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + q / 16
+                    q_odd = ((shifted & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)   # 128 + q
+                    inner_even += q_even * x_even[None, :]
+                    inner += q_odd * x_odd[None, :]
+                    xsum_even += x_even
+                    xsum_odd += x_odd
+                inner += 16.0 * inner_even - (2048.0 * xsum_even + 128.0 * xsum_odd)[None, :]
+                xsum = xsum_even + xsum_odd
             if PER_GROUP_SCALES:
                 # Σ over each group's words first, then one scale per group and row: 1/16th of the
                 # scale loads of the per-word form below.
@@ -92,7 +133,7 @@ if triton is not None:
 
 def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: torch.Tensor, group_size: int,
               block_n: int = 8, block_k: int = 1024, num_warps: int = 2, split_k: int = 1,
-              per_group_scales: bool = True) -> torch.Tensor:
+              per_group_scales: bool = True, convert: int = 2) -> torch.Tensor:
     """y = x @ dequantized(W)ᵀ for one row x [1, in] (or [in]); returns [1, out] in x's dtype.
 
     split_k > 1 splits the input dimension over that many programs per row block (more programs in
@@ -108,5 +149,5 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: 
     grid = (triton.cdiv(n, block_n), split_k)
     _gemv_int4_kernel[grid](x, qweight, scales, zs, y, n, k, k // split_k, GROUP=group_size, BLOCK_N=block_n,
                             BLOCK_K=block_k, SPLIT_K=split_k, PER_GROUP_SCALES=per_group_scales,
-                            num_warps=num_warps)
+                            CONVERT=convert, num_warps=num_warps)
     return y.to(x.dtype).reshape(1, n)

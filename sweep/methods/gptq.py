@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from sweep.backends import available, cuda_backend_errors
+from sweep.backends.cuda_int4 import KERNEL as GEMV
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
@@ -74,9 +75,12 @@ class GPTQ(QuantMethod):
                           f"{', '.join(map(str, GPTQ_KERNEL_BITS[options.kernel]))}")
         if options.kernel == TINYGEMM:
             errors += tinygemm_group_size_errors(cfg.group_size)
-            if cfg.desc_act:
-                errors.append(f"desc_act=true is not allowed with method.kernel={TINYGEMM!r}: its groups must be "
-                              "contiguous columns; use desc_act=false or another kernel")
+        if options.kernel == GEMV and (cfg.group_size == -1 or cfg.group_size % 32):
+            errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={GEMV!r}: "
+                          "a multiple of 32 (e.g. 32, 64, 128)")
+        if options.kernel in (TINYGEMM, GEMV) and cfg.desc_act:
+            errors.append(f"desc_act=true is not allowed with method.kernel={options.kernel!r}: its groups must be "
+                          "contiguous columns; use desc_act=false or another kernel")
         if options.backend == "gptqmodel":
             errors += cuda_backend_errors("method.backend='gptqmodel'", cfg, "gptqmodel", "GPTQModel",
                                           instead="; use method.backend=torch")
@@ -94,8 +98,8 @@ class GPTQ(QuantMethod):
 
     @classmethod
     def handles_ragged_groups(cls, cfg) -> bool:
-        # tinygemm packs whole groups only; the other kernels and the torch grid take a ragged last group.
-        return cls.ragged_groups and cfg.method.get("kernel", "auto") != TINYGEMM
+        # tinygemm and gemv_int4 pack whole groups only; the other kernels and the torch grid take a ragged last group.
+        return cls.ragged_groups and cfg.method.get("kernel", "auto") not in (TINYGEMM, GEMV)
 
     def resolved_backend(self, device: str) -> str:
         backend = self.options.backend

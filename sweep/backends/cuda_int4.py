@@ -1,0 +1,306 @@
+"""The project's int4 matrix-vector kernel in CUDA C++, built with the machine's nvcc on first use.
+
+Same format and arithmetic as the Triton kernel (sweep/backends/triton_int4.py: qweight int32
+[out, in / 8], scales and zs = zero * scale [out, in / group]; w = (q - z) * s), written for the one
+case where batch-1 decode spends its time: streaming the packed codes at the memory's speed.
+
+- One thread owns 32 consecutive input columns (one 16-byte load of codes per row) and keeps their
+  32 activations in registers as floats for the whole kernel: a row costs the thread one vector load,
+  no activation loads.
+- A nibble becomes a float without an integer-to-float conversion (whose throughput caps a GEMV near
+  2 TB/s on Hopper): OR-ing it into the mantissa of 128.0 gives 128 + q (bits 16-19) or 128 + q/16
+  (bits 12-15) exactly; one shift serves two nibbles and the 128s come back out through Σx, which
+  each thread precomputes once.
+- A block owns `rows_per_block` output rows and reads R of them per step (R·U vector loads in
+  flight per thread); partial sums are reduced by warp shuffles and once per block through shared
+  memory.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sweep.backends.triton_int4 import pack
+
+KERNEL = "gemv_int4"
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+template <typename T, int U, int R>
+__global__ void __launch_bounds__(512) gemv_int4_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales,
+    const T* __restrict__ zs, T* __restrict__ y, int N, int K, int rows_per_block, int group) {
+  extern __shared__ float partials[];                       // [warps][rows_per_block]
+  const int threads = blockDim.x, t = threadIdx.x, lane = t & 31, warp = t >> 5, warps = threads >> 5;
+  const int vec_per_row = K >> 5, n_groups = K / group;
+  float xv[U][32];
+  float corr[U], xsum[U];
+  int gidx[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int col = (t + u * threads) * 32;
+    const uint4* xp = reinterpret_cast<const uint4*>(x + col);
+    float even = 0.f, odd = 0.f;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      uint4 raw = xp[v];
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xv[u][v * 8 + i] = to_float(h[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) { even += xv[u][i]; odd += xv[u][i + 1]; }
+    corr[u] = 2048.f * even + 128.f * odd;
+    xsum[u] = even + odd;
+    gidx[u] = col / group;
+  }
+  const int row0 = blockIdx.x * rows_per_block;
+  // Measured on the H200: a second register buffer that requests the next rows before computing
+  // the current ones (software pipelining) spilled and was 5-15% slower, so one buffer of R rows.
+  uint4 a[R][U];
+#define SWEEP_LOAD(buf_, r0_)                                                                          \
+  _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                   \
+    const int row = min(row0 + (r0_) + r, N - 1);                                                  \
+    _Pragma("unroll") for (int u = 0; u < U; ++u) buf_[r][u] = __ldcs(qw + (size_t)row * vec_per_row + t + u * threads); \
+  }
+#define SWEEP_COMPUTE(buf_, r0_)                                                                       \
+  _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                   \
+    const int row = min(row0 + (r0_) + r, N - 1);                                                  \
+    float part = 0.f;                                                                              \
+    _Pragma("unroll") for (int u = 0; u < U; ++u) {                                                 \
+      const unsigned words[4] = {buf_[r][u].x, buf_[r][u].y, buf_[r][u].z, buf_[r][u].w};                     \
+      float acc_even = 0.f, acc_odd = 0.f;                                                         \
+      _Pragma("unroll") for (int j = 0; j < 4; ++j) {                                               \
+        _Pragma("unroll") for (int p = 0; p < 4; ++p) {                                             \
+          const unsigned shifted = p < 2 ? words[j] << (12 - 8 * p) : words[j] >> (8 * p - 12);    \
+          acc_even = fmaf(__uint_as_float((shifted & 0x0000F000u) | 0x43000000u), xv[u][8 * j + 2 * p], acc_even); \
+          acc_odd = fmaf(__uint_as_float((shifted & 0x000F0000u) | 0x43000000u), xv[u][8 * j + 2 * p + 1], acc_odd); \
+        }                                                                                          \
+      }                                                                                            \
+      const size_t g = (size_t)row * n_groups + gidx[u];                                           \
+      part += to_float(scales[g]) * (16.f * acc_even + acc_odd - corr[u]) - to_float(zs[g]) * xsum[u]; \
+    }                                                                                              \
+    _Pragma("unroll") for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off); \
+    if (lane == 0) partials[warp * rows_per_block + (r0_) + r] = part;                             \
+  }
+  for (int r0 = 0; r0 < rows_per_block; r0 += R) {
+    SWEEP_LOAD(a, r0)
+    SWEEP_COMPUTE(a, r0)
+  }
+#undef SWEEP_LOAD
+#undef SWEEP_COMPUTE
+  __syncthreads();
+  for (int r = t; r < rows_per_block; r += threads) {
+    if (row0 + r >= N) break;
+    float sum = 0.f;
+    for (int wi = 0; wi < warps; ++wi) sum += partials[wi * rows_per_block + r];
+    y[row0 + r] = from_float<T>(sum);
+  }
+}
+
+template <typename T, int U, int R>
+void launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+            const torch::Tensor& zs, torch::Tensor& y, int rows_per_block, int group) {
+  const int N = qweight.size(0), K = qweight.size(1) * 8;
+  const int threads = K / (32 * U);
+  const int blocks = (N + rows_per_block - 1) / rows_per_block;
+  const size_t shared = sizeof(float) * (threads / 32) * rows_per_block;
+  gemv_int4_kernel<T, U, R><<<blocks, threads, shared, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zs.data_ptr()),
+      reinterpret_cast<T*>(y.data_ptr()), N, K, rows_per_block, group);
+}
+
+template <typename T>
+void dispatch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+              const torch::Tensor& zs, torch::Tensor& y, int64_t rows_per_block, int64_t group,
+              int64_t per_thread, int64_t rows_per_step) {
+#define SWEEP_CASE(U_, R_) \
+  if (per_thread == U_ && rows_per_step == R_) return launch<T, U_, R_>(x, qweight, scales, zs, y, rows_per_block, group);
+  SWEEP_CASE(1, 2) SWEEP_CASE(1, 4) SWEEP_CASE(1, 8) SWEEP_CASE(2, 2) SWEEP_CASE(2, 4) SWEEP_CASE(4, 1) SWEEP_CASE(4, 2)
+#undef SWEEP_CASE
+  TORCH_CHECK(false, "gemv_int4: no kernel for per_thread=", per_thread, " rows_per_step=", rows_per_step);
+}
+
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs,
+                        int64_t group, int64_t rows_per_block, int64_t per_thread, int64_t rows_per_step) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 8;
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.numel() == K, "gemv_int4: x must be a contiguous CUDA vector of ", K);
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "gemv_int4: qweight must be contiguous int32");
+  TORCH_CHECK(K % (32 * per_thread) == 0 && (K / (32 * per_thread)) % 32 == 0 && K / (32 * per_thread) <= 512,
+              "gemv_int4: in_features ", K, " needs a whole number of warps of ", per_thread, " x 32 columns (at most 512 threads)");
+  TORCH_CHECK(group % 32 == 0 && K % group == 0, "gemv_int4: group ", group, " must be a multiple of 32 dividing ", K);
+  TORCH_CHECK(rows_per_block % rows_per_step == 0, "gemv_int4: rows_per_block must be a multiple of rows_per_step");
+  TORCH_CHECK(scales.dtype() == x.dtype() && zs.dtype() == x.dtype(), "gemv_int4: scales and zs must have x's dtype");
+  auto y = torch::empty({1, N}, x.options());
+  if (x.scalar_type() == torch::kBFloat16)
+    dispatch<__nv_bfloat16>(x, qweight, scales, zs, y, rows_per_block, group, per_thread, rows_per_step);
+  else if (x.scalar_type() == torch::kHalf)
+    dispatch<__half>(x, qweight, scales, zs, y, rows_per_block, group, per_thread, rows_per_step);
+  else
+    TORCH_CHECK(false, "gemv_int4: x must be bfloat16 or float16");
+  return y;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """Compile (first call on a machine: ~1 min with nvcc; cached by torch afterwards) and load."""
+    from torch.utils.cpp_extension import load_inline
+    return load_inline(name="sweep_gemv_int4", cpp_sources="torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor qweight, "
+                       "torch::Tensor scales, torch::Tensor zs, int64_t group, int64_t rows_per_block, "
+                       "int64_t per_thread, int64_t rows_per_step);",
+                       cuda_sources=_SOURCE, functions=["gemv_int4"],
+                       extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17"]
+                       + (["-Xptxas", "-v"] if os.environ.get("SWEEP_VERBOSE_BUILD") else []),
+                       verbose=bool(os.environ.get("SWEEP_VERBOSE_BUILD")))
+
+
+def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: torch.Tensor, group_size: int,
+              rows_per_block: int = 8, per_thread: int = 1, rows_per_step: int = 4) -> torch.Tensor:
+    """y [1, out] = x [1, in] @ dequantized(W)ᵀ, in x's dtype (bfloat16 or float16)."""
+    x = x.reshape(-1)
+    if x.data_ptr() % 16:  # the kernel reads x in 16-byte vectors
+        x = x.clone()
+    return extension().gemv_int4(x.contiguous(), qweight, scales, zs, group_size, rows_per_block,
+                                 per_thread, rows_per_step)
+
+
+# An opaque op for torch.compile: the compiled CUDA-graph decode step sees one node, not a pybind call.
+@torch.library.custom_op("sweep::gemv_int4", mutates_args=())
+def gemv_int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: torch.Tensor, group_size: int,
+                 rows_per_block: int, per_thread: int, rows_per_step: int) -> torch.Tensor:
+    return gemv_int4(x, qweight, scales, zs, group_size, rows_per_block, per_thread, rows_per_step)
+
+
+@gemv_int4_op.register_fake
+def _(x, qweight, scales, zs, group_size, rows_per_block, per_thread, rows_per_step):
+    return x.new_empty((1, qweight.shape[0]))
+
+
+class GemvInt4Error(ValueError):
+    pass
+
+
+def shape_errors(in_features: int, group_size: int) -> List[str]:
+    """What keeps a layer of this shape off the kernel: a thread owns 32 input columns and a block
+    is whole warps of threads (at most 512), so in_features must be a multiple of 1024 (≤ 32768)."""
+    errors = []
+    if in_features % 1024 or in_features > 32768:
+        errors.append(f"in_features {in_features} is not a multiple of 1024 up to 32768")
+    if group_size % 32 or in_features % group_size:
+        errors.append(f"group_size {group_size} is not a multiple of 32 dividing in_features {in_features}")
+    return errors
+
+
+def tile_for(in_features: int, out_features: int) -> Tuple[int, int, int]:
+    """(rows_per_block, per_thread, rows_per_step), the best of benchmarks/device/int4_gemv.py on the
+    H200 (2026-12-02): two 16-byte vectors per thread and row, four rows per step; 16 rows per block
+    for the long inputs (down_proj) and the wide head, 8 otherwise."""
+    per_thread = 2 if in_features % 2048 == 0 and in_features // 64 >= 32 else 1
+    if in_features // (32 * per_thread) > 512:
+        per_thread = 4
+    rows = 16 if in_features > 8192 or out_features >= 65536 else 8
+    return rows, per_thread, 4
+
+
+class GemvInt4Linear(nn.Module):
+    """y = x @ W.T + b with W as 4-bit codes for the project's GEMV (one input row on CUDA).
+
+    Any other call (a prompt's many rows, a CPU tensor) dequantizes the weight and runs an ordinary
+    matmul: exact, but it reads 4x the bytes, so this layer is for batch-1 decode."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 dtype: torch.dtype = torch.bfloat16, bias: Optional[torch.Tensor] = None) -> None:
+        """codes [out, in] integers 0..15; scales, zeros [out, in // group_size] (zeros as integer codes)."""
+        super().__init__()
+        out_features, in_features = codes.shape
+        problems = shape_errors(in_features, group_size)
+        if problems:
+            raise GemvInt4Error(f"{KERNEL} cannot run this layer: {'; '.join(problems)}")
+        self.in_features, self.out_features, self.group_size, self.dtype = in_features, out_features, group_size, dtype
+        qweight, s, zs = pack(codes.to(torch.uint8), scales, zeros, dtype)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", s)
+        self.register_buffer("zs", zs)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.tile = tile_for(in_features, out_features)
+
+    @classmethod
+    def concatenate(cls, layers: List["GemvInt4Linear"]) -> "GemvInt4Linear":
+        """One layer computing all of `layers` (same input) side by side: rows never interact."""
+        first = layers[0]
+        if any((layer.in_features, layer.group_size, layer.dtype) != (first.in_features, first.group_size, first.dtype)
+               for layer in layers):
+            raise GemvInt4Error(f"{KERNEL}: only layers with the same input size, group size and dtype can be fused")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.group_size, fused.dtype = first.in_features, first.group_size, first.dtype
+        fused.out_features = sum(layer.out_features for layer in layers)
+        for name in ("qweight", "scales", "zs"):
+            fused.register_buffer(name, torch.cat([getattr(layer, name) for layer in layers]))
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            like = next(layer.bias for layer in layers if layer.bias is not None)
+            bias = torch.cat([layer.bias if layer.bias is not None else
+                              torch.zeros(layer.out_features, dtype=like.dtype, device=like.device) for layer in layers])
+        fused.register_buffer("bias", bias)
+        fused.tile = tile_for(fused.in_features, fused.out_features)
+        return fused
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[out, in] weights in the layer's dtype, as the kernel computes them: s·q − z·s."""
+        shifts = torch.arange(0, 32, 4, device=self.qweight.device, dtype=torch.int32)
+        codes = ((self.qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(self.out_features, self.in_features)
+        groups = self.in_features // self.group_size
+        codes = codes.reshape(self.out_features, groups, self.group_size).float()
+        weight = codes * self.scales.float().unsqueeze(-1) - self.zs.float().unsqueeze(-1)
+        return weight.reshape(self.out_features, self.in_features).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.dtype)
+        if flat.shape[0] == 1 and flat.is_cuda:
+            out = gemv_int4_op(flat, self.qweight, self.scales, self.zs, self.group_size, *self.tile)
+        else:
+            out = flat @ self.dequantized_weight().t()
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"tile={self.tile}")
+
+
+def from_gptq_module(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> GemvInt4Linear:
+    """The GEMV layer from a 4-bit GPTQModel quant-linear with contiguous groups (same codes, no re-quantization)."""
+    from sweep.backends.tinygemm import gptq_module_parts
+
+    codes, scales, zeros, group_size = gptq_module_parts(module, KERNEL)
+    layer = GemvInt4Linear(codes, scales.t(), zeros.t(), group_size, dtype=dtype, bias=getattr(module, "bias", None))
+    return layer
+
+
+def is_gemv_layer(module: nn.Module) -> bool:
+    return isinstance(module, GemvInt4Linear)
+
+
+def one_token_probe(model: nn.Module) -> torch.Tensor:
+    """The fusion check's input for this kernel: one token, so the check runs the GEMV itself (per-row
+    sums: fusing changes nothing); a longer probe compares cuBLAS matmuls of different widths, which
+    may round differently."""
+    return torch.ones(1, 1, dtype=torch.long, device=next(model.buffers()).device)
