@@ -80,6 +80,9 @@ def test_config_errors_name_the_field_and_the_allowed_values():
     assert "group_size=-1 is not allowed with method.kernel='gemv_int4'" in message and "desc_act=true" in message
     with pytest.raises(ConfigError, match="cannot run bits=3"):
         validate(make_config("method=gptq", "method.kernel=gemv_int4", "bits=3"))
+    with pytest.raises(ConfigError, match="group_size=48 is not allowed with method.kernel='gemv_int4'"):
+        validate(make_config("method=autoround", "method.kernel=gemv_int4", "method.export_format=auto_gptq",
+                             "group_size=48"))
 
 
 def test_fusion_with_a_one_token_probe_keeps_the_logits():

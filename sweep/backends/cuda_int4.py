@@ -208,6 +208,13 @@ def shape_errors(in_features: int, group_size: int) -> List[str]:
     return errors
 
 
+def group_size_option_errors(group_size: int) -> List[str]:
+    """The config error for a group size the kernel cannot run (checked before any load)."""
+    if group_size != -1 and group_size % 32 == 0:
+        return []
+    return [f"group_size={group_size!r} is not allowed with method.kernel={KERNEL!r}: a multiple of 32 (e.g. 32, 64, 128)"]
+
+
 def tile_for(in_features: int, out_features: int) -> Tuple[int, int, int]:
     """(rows_per_block, per_thread, rows_per_step), the best of benchmarks/device/int4_gemv.py on the
     H200 (2026-12-02): two 16-byte vectors per thread and row, four rows per step; 16 rows per block

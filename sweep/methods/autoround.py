@@ -11,6 +11,8 @@ from typing import List, Optional
 
 from sweep.backends import available
 from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
+from sweep.backends.cuda_int4 import KERNEL as GEMV
+from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
@@ -65,6 +67,8 @@ class AutoRoundMethod(QuantMethod):
                               f"{', '.join(map(str, GPTQ_KERNEL_BITS[kernel]))}")
             if kernel == TINYGEMM:
                 errors += tinygemm_group_size_errors(cfg.group_size)
+            if kernel == GEMV:
+                errors += gemv_group_size_errors(cfg.group_size)
             if not available("gptqmodel"):
                 errors.append(f"method.kernel={kernel!r} loads the export through GPTQModel, which is not "
                               "installed: pip install 'gptqmodel>=7.6'")

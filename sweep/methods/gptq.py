@@ -20,6 +20,7 @@ import torch
 
 from sweep.backends import available, cuda_backend_errors
 from sweep.backends.cuda_int4 import KERNEL as GEMV
+from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
@@ -75,9 +76,8 @@ class GPTQ(QuantMethod):
                           f"{', '.join(map(str, GPTQ_KERNEL_BITS[options.kernel]))}")
         if options.kernel == TINYGEMM:
             errors += tinygemm_group_size_errors(cfg.group_size)
-        if options.kernel == GEMV and (cfg.group_size == -1 or cfg.group_size % 32):
-            errors.append(f"group_size={cfg.group_size!r} is not allowed with method.kernel={GEMV!r}: "
-                          "a multiple of 32 (e.g. 32, 64, 128)")
+        if options.kernel == GEMV:
+            errors += gemv_group_size_errors(cfg.group_size)
         if options.kernel in (TINYGEMM, GEMV) and cfg.desc_act:
             errors.append(f"desc_act=true is not allowed with method.kernel={options.kernel!r}: its groups must be "
                           "contiguous columns; use desc_act=false or another kernel")
