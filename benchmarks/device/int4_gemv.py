@@ -106,22 +106,18 @@ def main():
                 from sweep.backends import cuda_int4
                 y = cuda_int4.gemv_int4(x, *packed[0], GROUP)
                 row["cuda_rel_err"] = round(((y.float() - expected).abs().max() / expected.abs().max()).item(), 5)
-                for pipeline in (False, True):
-                    best_cuda = None
-                    for rows_per_block, (per_thread, per_step) in itertools.product(
-                            [8, 16, 32, 64, 128], [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 1), (4, 2)]):
-                        threads = k // (32 * per_thread)
-                        if k % (32 * per_thread) or threads % 32 or threads > 512 or rows_per_block % per_step \
-                                or (pipeline and rows_per_block < 2 * per_step):
-                            continue
-                        t = graph_time(lambda: [cuda_int4.gemv_int4(x, *p, GROUP, rows_per_block, per_thread, per_step,
-                                                                    pipeline) for p in packed]) / copies
-                        if best_cuda is None or t < best_cuda[0]:
-                            best_cuda = (t, (rows_per_block, per_thread, per_step, pipeline))
-                    key = "cuda_pipelined" if pipeline else "cuda"
-                    row.update({f"{key}_us": round(best_cuda[0] * 1e6, 2),
-                                f"{key}_TBps": round(int4_bytes / best_cuda[0] / 1e12, 2),
-                                f"{key}_config": best_cuda[1], f"{key}_vs_bf16": round(t16 / best_cuda[0], 2)})
+                best_cuda = None
+                for rows_per_block, (per_thread, per_step) in itertools.product(
+                        [8, 16, 32, 64, 128], [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 1), (4, 2)]):
+                    threads = k // (32 * per_thread)
+                    if k % (32 * per_thread) or threads % 32 or threads > 512 or rows_per_block % per_step:
+                        continue
+                    t = graph_time(lambda: [cuda_int4.gemv_int4(x, *p, GROUP, rows_per_block, per_thread, per_step)
+                                            for p in packed]) / copies
+                    if best_cuda is None or t < best_cuda[0]:
+                        best_cuda = (t, (rows_per_block, per_thread, per_step))
+                row.update(cuda_us=round(best_cuda[0] * 1e6, 2), cuda_TBps=round(int4_bytes / best_cuda[0] / 1e12, 2),
+                           cuda_config=best_cuda[1], cuda_vs_bf16=round(t16 / best_cuda[0], 2))
             except Exception as err:
                 row["cuda_error"] = f"{type(err).__name__}: {str(err)[-1500:]}"
         del packed
