@@ -119,3 +119,46 @@ def test_kernel_matches_the_exact_fallback_on_the_gpu():
         expected = x.float() @ layer.dequantized_weight().float().t()
         got = layer(x).float()
         assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kernel", ["tinygemm_int4", "gemv_int4"])
+def test_lm_head_is_quantized_by_gptq_and_packed_for_the_kernel(kernel):
+    """GPTQModel cannot quantize the 8B shape's head; on these kernels the project's GPTQ does it, on
+    the model's final hidden states, and packs the codes. The packed head computes GPTQ's weights,
+    whose output error on those hidden states is below RTN's (GPTQ minimises exactly that)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sweep.methods import get_method
+    from sweep.methods.base import PACKED, QuantReport
+    from sweep.backends.tinygemm import TinyGemmInt4Linear
+    from sweep.quant.grid import qdq_rtn
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    calibration = [torch.randint(0, 512, (1, 64)) for _ in range(8)]
+    hidden = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: hidden.append(args[0].reshape(-1, 1024)))
+    with torch.no_grad():
+        for ids in calibration:
+            model(input_ids=ids)
+    handle.remove()
+    X = torch.cat(hidden)
+    W = model.lm_head.weight.detach().clone()
+
+    cfg = make_config("method=gptq", f"method.kernel={kernel}", "bits=4", "group_size=64", "quantize_lm_head=true")
+    report = QuantReport(backend="gptqmodel", weights=PACKED)
+    get_method("gptq")(cfg).pack_lm_head(model, calibration, kernel, report)
+
+    head = model.lm_head
+    assert isinstance(head, TinyGemmInt4Linear if kernel == "tinygemm_int4" else GemvInt4Linear)
+    assert not model.config.tie_word_embeddings and torch.equal(model.model.embed_tokens.weight, embedding)
+    assert report.layers["lm_head"]["bits"] == 4 and report.layers["lm_head"]["error"] > 0
+    packed_error = ((X @ (head.dequantized_weight().float() - W).t()) ** 2).mean()
+    rtn_error = ((X @ (qdq_rtn(W, 4, 64, True) - W).t()) ** 2).mean()
+    assert packed_error < rtn_error
+    with torch.no_grad():
+        assert model(input_ids=calibration[0]).logits.shape == (1, 64, 512)
