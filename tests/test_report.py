@@ -132,3 +132,23 @@ def test_html_page_is_self_contained_with_figures_and_extra_sections():
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "<script" not in text and "http" not in text  # nothing is fetched
     assert page.count("<th>weights</th>") >= 3  # every table says packed/simulated
+
+
+def test_throughput_vs_batch_compares_each_batch_with_fp16_at_the_same_batch():
+    from sweep.analysis.throughput import batch_table, report_section
+
+    rows = []
+    for batch, fp16_tps, int4_tps in [(1, 100.0, 180.0), (4, 380.0, 560.0), (16, 1400.0, 1300.0), (64, 4000.0, 3100.0)]:
+        rows += [("fp16", "unquantized", math.nan, math.nan, 0, 30.0, 500.0, fp16_tps, f"base{batch}"),
+                 ("gptq", "packed", 4, 128, 0, 33.0, 150.0, int4_tps, f"gptq{batch}")]
+    df = _runs(rows)
+    df["batch_size"] = [batch for batch in (1, 4, 16, 64) for _ in range(2)]
+    table = batch_table(df, "tokens_per_s")
+    gptq = table[table["series"].str.startswith("gptq")].iloc[0]
+    assert gptq["b1 vs fp16"] == 1.8 and gptq["b16 vs fp16"] == round(1300 / 1400, 2)
+    assert gptq["slower than fp16 from batch"] == 16
+    section = report_section(ReportData(df, "batches"))
+    assert section is not None and "Throughput vs batch" == section.title and "b64 tokens/s" in section.html
+    # one batch size only: no section, and the batch-1 speed figure keeps every point
+    single = df[df["batch_size"] == 1]
+    assert report_section(ReportData(single, "one batch")) is None

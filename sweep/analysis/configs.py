@@ -32,7 +32,7 @@ STATS = ("std", "min", "max", "ci_low", "ci_high")
 # The ranking metric of vs_best / vs_fp16, in order of preference: the first one scored on enough items.
 RANKING = ["wikitext_word_ppl", "lambada_ppl"]
 IDENTITY = ["method", "backend", "weights", "kernel", "bits", "group_size", "layer_bits", "avg_bits", "sym",
-            "damp_percent", "desc_act", "calibration", "calibration_tokens", "model_init"]
+            "damp_percent", "desc_act", "calibration", "calibration_tokens", "model_init", "batch_size"]
 COSTS = ["weight_mb", "in_memory_mb", "peak_mb", "quantize_s", "tokens_per_s", "ttft_ms", "static_tokens_per_s",
          "static_bandwidth_fraction", "graph_tokens_per_s", "graph_bandwidth_fraction"]
 DELTAS = {"delta_word_ppl": "wikitext_word_ppl", "delta_lambada_ppl": "lambada_ppl",

@@ -20,6 +20,7 @@ import pandas as pd
 from sweep.analysis import configs as configs_table
 from sweep.analysis.sections import ReportData, Section, SectionFn
 from sweep.analysis.sensitivity import report_section as sensitivity_heatmap
+from sweep.analysis.throughput import report_section as throughput_vs_batch
 from sweep.analysis.table import rounded
 
 WEIGHTS_NOTE = ("<b>weights</b>: <code>packed</code> = run by a low-bit kernel; <code>simulated</code> = "
@@ -204,6 +205,8 @@ def quality_vs_memory(data: ReportData) -> Optional[Section]:
 
 def speed_vs_memory(data: ReportData) -> Optional[Section]:
     df = _plotted(data, "in_memory_mb", "tokens_per_s")
+    if "batch_size" in df:  # batch 1 only (runs from before the column: blank); other batches: throughput_vs_batch
+        df = df[df["batch_size"].isna() | (pd.to_numeric(df["batch_size"], errors="coerce") == 1)]
     if df.empty:
         return None
     fig, ax = _figure()
@@ -224,7 +227,8 @@ def speed_vs_memory(data: ReportData) -> Optional[Section]:
     return Section("Tokens/s vs memory", fig, caption)
 
 
-BUILTIN_SECTIONS: List[SectionFn] = [perplexity_vs_bits, quality_vs_memory, speed_vs_memory, sensitivity_heatmap]
+BUILTIN_SECTIONS: List[SectionFn] = [perplexity_vs_bits, quality_vs_memory, speed_vs_memory, throughput_vs_batch,
+                                     sensitivity_heatmap]
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

@@ -50,6 +50,7 @@ COLUMNS: Dict[str, tuple] = {
     "quantize_s": ("metric", "time.quantize_s"),
     "tokens_per_s": ("metric", "latency.tokens_per_s"),
     "ttft_ms": ("metric", "latency.ttft_ms_p50"),
+    "batch_size": ("param", "bench.batch_size"),   # sequences decoded together in the latency runs
     # GPU runs (issue 4): the kernel that runs packed weights, compiled static-cache decode, and the
     # fraction of the memory-bandwidth bound it reaches; model_init=random rows have no quality numbers.
     "kernel": ("tag", "kernel"),
@@ -103,7 +104,7 @@ def build_table(runs: Sequence, baseline=None, sweep_id: Optional[str] = None) -
     if not rows:
         return pd.DataFrame(columns=columns)
     df = pd.DataFrame(rows)
-    for col in ("bits", "group_size", "damp_percent"):
+    for col in ("bits", "group_size", "damp_percent", "batch_size"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     # Integers with blanks (fp16 has no bits), the same type whether or not a sweep has a baseline.
     df[["bits", "group_size"]] = df[["bits", "group_size"]].astype("Int64")
