@@ -119,6 +119,9 @@ def test_kernel_matches_the_exact_fallback_on_the_gpu():
         expected = x.float() @ layer.dequantized_weight().float().t()
         got = layer(x).float()
         assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+        rows = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)   # a small batch: one GEMV per row
+        expected = rows.float() @ layer.dequantized_weight().float().t()
+        assert (layer(rows).float() - expected).abs().max() < 0.01 * expected.abs().max()
 
 
 @pytest.mark.parametrize("kernel", ["tinygemm_int4", "gemv_int4"])

@@ -61,6 +61,16 @@ case "$1" in
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-bf16-ref) # the bfloat16 reference of the 8B shape alone, graph loop (for a ratio measured in the same visit)
     sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1 ;;
+  8b-batch-a) # throughput vs batch (report section "Throughput vs batch"), 8B shape, graph loop: bf16 and bnb nf4
+    sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m
+    sweep $big model.dtype=bfloat16 method=bnb bits=4 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
+  8b-batch-b) # the same for GPTQ 4-bit on tinygemm and on gemv_int4 (each batch size re-quantizes: 8 windows, speed does not depend on them)
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
+  8b-batch-c)
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m
+    sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
+  8b-gemv-head) # GPTQ 4-bit on gemv_int4 with the head quantized by the project's GPTQ and packed for the kernel
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 quantize_lm_head=true calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused
     sweep $big model.dtype=bfloat16 method=autoround bits=4 group_size=128 method.iters=0 method.export_format=auto_gptq $int4 calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 method.fuse_projections=false calibration.nsamples=128 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;

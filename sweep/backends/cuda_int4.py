@@ -226,11 +226,17 @@ def tile_for(in_features: int, out_features: int) -> Tuple[int, int, int]:
     return rows, per_thread, 4
 
 
+# Up to this many input rows run as one GEMV each (each reads the packed weights once: 4.25 bits per
+# weight and row); more rows dequantize to a float weight and run one matmul (read 4.25 bits, write and
+# read 16 per weight), which costs about as much as 8 GEMVs. Byte arithmetic, not a measured crossover.
+GEMV_MAX_ROWS = 8
+
+
 class GemvInt4Linear(nn.Module):
-    """y = x @ W.T + b with W as 4-bit codes for the project's GEMV (one input row on CUDA).
+    """y = x @ W.T + b with W as 4-bit codes for the project's GEMV (up to GEMV_MAX_ROWS input rows on CUDA).
 
     Any other call (a prompt's many rows, a CPU tensor) dequantizes the weight and runs an ordinary
-    matmul: exact, but it reads 4x the bytes, so this layer is for batch-1 decode."""
+    matmul: exact, but it reads several times the bytes, so this layer is for small-batch decode."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  dtype: torch.dtype = torch.bfloat16, bias: Optional[torch.Tensor] = None) -> None:
@@ -281,8 +287,9 @@ class GemvInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.dtype)
-        if flat.shape[0] == 1 and flat.is_cuda:
-            out = gemv_int4_op(flat, self.qweight, self.scales, self.zs, self.group_size, *self.tile)
+        if flat.is_cuda and flat.shape[0] <= GEMV_MAX_ROWS:
+            out = torch.cat([gemv_int4_op(flat[i:i + 1], self.qweight, self.scales, self.zs, self.group_size,
+                                          *self.tile) for i in range(flat.shape[0])])
         else:
             out = flat @ self.dequantized_weight().t()
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
