@@ -3,6 +3,7 @@
     python benchmarks/cpu_sweep.py                       # both dtypes where the CPU has bf16 (~25 min on 2 cores)
     python benchmarks/cpu_sweep.py --dtypes bfloat16     # one dtype
     python benchmarks/cpu_sweep.py --dry-run             # print the commands only
+    python benchmarks/cpu_sweep.py --out benchmarks/results/cpu-DATE-NAME.csv   # another result file
 
 For each dtype it measures, in the same process and minutes as the sweeps, the matmul peak of the
 model's largest calibration shape (8192×576 @ 576×1536, median of 10), then runs
@@ -18,7 +19,8 @@ phases into achieved FLOP/s from the model's shapes:
 - eval: every scored token through every decoder linear and the LM head (attention scores are not
   counted: under 20% of the work at these lengths).
 
-Writes benchmarks/results/cpu-<date>.csv and prints a Markdown table for docs/benchmarks.md.
+Writes benchmarks/results/cpu-<date>.csv (or --out), the commands' wall times on every row, and prints a
+Markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16" if cpu_has_bf16() else "float32")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--store", default=str(REPO / "outputs" / "bench-cpu"))
+    ap.add_argument("--out", default=None, help="the CSV to write (default benchmarks/results/cpu-<date>.csv)")
     args = ap.parse_args()
     model_dir = default_model_dir()
     shapes = model_shapes(model_dir)
@@ -155,7 +158,9 @@ def main() -> int:
     if args.dry_run:
         return 0
     table = pd.DataFrame(rows)
-    out = REPO / "benchmarks" / "results" / f"cpu-{time.strftime('%Y-%m-%d')}.csv"
+    # The commands' wall times, on every row of their dtype (the CSV is then the whole result).
+    table = table.merge(pd.DataFrame(walls).drop(columns="matmul_gflops"), on="dtype", how="left")
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"cpu-{time.strftime('%Y-%m-%d')}.csv"
     table.to_csv(out, index=False)
     print(pd.DataFrame(walls).round(1).to_markdown(index=False))
     print()

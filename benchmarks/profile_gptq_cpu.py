@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sweep.methods.gptq as gptq_module  # noqa: E402
+import sweep.quant.sequential as sequential_module  # noqa: E402
 from sweep.config.schema import SweepConfig  # noqa: E402
 from sweep.data.calibration import build_samples  # noqa: E402
 from sweep.infra.progress import Progress  # noqa: E402
@@ -38,8 +39,9 @@ def main() -> None:
     model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
     samples = build_samples(tokenizer, cfg.calibration)
     seconds = {}
-    for name in STAGES:  # time each stage where the method calls it
-        original = getattr(gptq_module, name)
+    for name in STAGES:  # time each stage where the method calls it (the calibration passes live in sequential.py)
+        module = gptq_module if hasattr(gptq_module, name) else sequential_module
+        original = getattr(module, name)
 
         def timed(*args, _original=original, _name=name, **kwargs):
             t0 = time.perf_counter()
@@ -47,7 +49,7 @@ def main() -> None:
                 return _original(*args, **kwargs)
             finally:
                 seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - t0
-        setattr(gptq_module, name, timed)
+        setattr(module, name, timed)
     run_cfg = OmegaConf.structured(cfg)
     run_cfg.method = {"name": "gptq", "batch_tokens": batch_tokens}
     method = get_method("gptq")(run_cfg)

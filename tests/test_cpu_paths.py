@@ -66,3 +66,49 @@ def test_fast_gptq_calibration_gives_the_reference_weights_bit_for_bit(dtype, em
     for name in fast:
         assert torch.equal(fast[name].weight, ref[name].weight), name
         assert not torch.equal(fast[name].weight, original[name]), name  # and it did quantize
+
+
+def _layer_errors(model, reference, samples, batch_tokens):
+    """Per decoder layer of `model` (bfloat16), fed its own outputs: the relative error of its output and
+    of each linear's Hessian against the float32 `reference` (the same weights) on the same samples."""
+    inputs = capture_first_layer_inputs(model, samples, batch_tokens)
+    ref = capture_first_layer_inputs(reference, samples, 0)
+    errors = []
+    for layer, ref_layer in zip(decoder_layers(model), decoder_layers(reference)):
+        hessians = {}
+        for tag, lay, inp in (("bf16", layer, inputs), ("ref", ref_layer, ref)):
+            linears = {n: m for n, m in lay.named_modules() if isinstance(m, torch.nn.Linear)}
+            acc = {n: HessianAccumulator(m.in_features, "cpu") for n, m in linears.items()}
+            handles = [m.register_forward_pre_hook(lambda mod, args, n=n, acc=acc: acc[n].add(args[0]))
+                       for n, m in linears.items()]
+            inp.hidden = run_layer(lay, inp)
+            for h in handles:
+                h.remove()
+            hessians[tag] = {n: a.H for n, a in acc.items()}
+        out = torch.cat([h.reshape(-1, h.shape[-1]) for h in inputs.hidden]).float()
+        want = torch.cat([h.reshape(-1, h.shape[-1]) for h in ref.hidden])
+        worst_h = max(float((hessians["bf16"][n] - H).norm() / H.norm()) for n, H in hessians["ref"].items())
+        errors.append((float((out - want).norm() / want.norm()), worst_h))
+    return errors
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="bfloat16 calibration runs only where the CPU has bf16")
+def test_batched_bfloat16_calibration_is_as_accurate_as_one_window_at_a_time(embedded_model_dir):
+    """Batched bfloat16 calibration (`method.batch_tokens=8192`) rounds differently from one window at a
+    time (the bfloat16 default), not less accurately: per layer, its outputs and Hessians are as close to
+    a float32 run of the same weights as the one-window path's. A batching bug (attention mask, positions,
+    rotary embeddings, a Hessian normalised per batch instead of per row) would be an error of order one,
+    not of bfloat16's rounding. (Its GPTQ results were still worse on WikiText-2 at W4 g32 over 6 seeds,
+    which this does not explain: docs/benchmarks.md.)"""
+    cfg = make_config("model=smollm2-135m-4l", "model.dtype=bfloat16", "calibration.nsamples=8",
+                      "calibration.seqlen=64")
+    model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
+    reference, _ = load_model(cfg.model, "cpu", cfg.cache_dir)
+    reference.float()
+    samples = calibration.build_samples(tokenizer, cfg.calibration)
+    with torch.no_grad():
+        single = _layer_errors(model, reference, samples, 0)
+        batched = _layer_errors(model, reference, samples, 8 * 64)
+    for (out_1, h_1), (out_b, h_b) in zip(single, batched):
+        assert out_1 < 0.05 and h_1 < 0.05, single  # bfloat16 rounding, carried through the layers
+        assert out_b < 1.25 * out_1 and h_b < 1.25 * h_1, (single, batched)

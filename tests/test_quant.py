@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sweep.quant.grid import fit_grid, qdq_rtn, storage_bits_per_weight
-from sweep.quant import gptq_columns
+from sweep.quant import gptq_columns, gptq_solver
 from sweep.quant.gptq_solver import HessianAccumulator, _upper_cholesky_of_inverse, gptq_quantize
 
 
@@ -102,6 +102,23 @@ def test_hessian_of_a_batch_is_the_hessian_of_its_samples_added_one_by_one_bit_f
         one_by_one.add(sample.unsqueeze(0))
     assert torch.equal(together.H, one_by_one.H) and together.nsamples == one_by_one.nsamples == 200
 
+
+
+def test_hessian_of_bfloat16_inputs_is_the_float32_hessian_of_their_values_however_they_are_batched(monkeypatch):
+    # bfloat16 inputs (a CPU model in bfloat16) are gathered into one float32 product per
+    # HESSIAN_ROWS_PER_PRODUCT rows: H = 2/n Σ x xᵀ up to the order of the float32 sums, and the same bits
+    # whether the rows came one sample at a time or as one batch.
+    monkeypatch.setattr(gptq_solver, "HESSIAN_ROWS_PER_PRODUCT", 200)  # two products for 300 rows
+    x = _calibration(96, 3 * 100).to(torch.bfloat16)
+    one_by_one, batched = HessianAccumulator(96, torch.device("cpu")), HessianAccumulator(96, torch.device("cpu"))
+    for sample in x.reshape(6, 50, 96):
+        one_by_one.add(sample.unsqueeze(0))
+    batched.add(x[:200].reshape(4, 50, 96))
+    batched.add(x[200:].reshape(2, 50, 96))
+    closed = 2 * x.double().t() @ x.double() / 300
+    assert one_by_one.nsamples == batched.nsamples == 300 and batched.H.dtype == torch.float32
+    assert torch.equal(one_by_one.H, batched.H) and torch.equal(batched.H, batched.H.t())
+    assert torch.allclose(batched.H.double(), closed, rtol=1e-5, atol=1e-5 * float(closed.abs().max()))
 
 @pytest.mark.parametrize("bits, sym", [(1, True), (2, False), (3, True), (4, False), (8, True)])
 def test_compiled_gptq_column_loop_computes_the_torch_loops_bits(bits, sym):

@@ -9,7 +9,7 @@ model runs in). Rows never interact: linears that share H (q/k/v, gate/up) can b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -17,26 +17,71 @@ from sweep.quant.gptq_columns import quantize_columns
 from sweep.quant.grid import Grid, fit_grid
 
 
+# bfloat16/float16 calibration inputs on a CPU are gathered into one Hessian product per this many rows.
+HESSIAN_ROWS_PER_PRODUCT = 8192
+
+
 class HessianAccumulator:
     """Running H = 2/n Σ x xᵀ over every row of every input batch seen so far."""
 
     def __init__(self, in_features: int, device: torch.device):
-        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
-        self.nsamples = 0
+        self._H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.nsamples = 0        # rows added
+        self._summed = 0         # rows already in _H
+        self._pending: list = []  # float32 copies of half-precision rows not yet in _H
+
+    @property
+    def H(self) -> torch.Tensor:
+        self._flush()
+        return self._H
 
     def add(self, x: torch.Tensor) -> None:
-        """Add one input: (tokens × features), or a batch (samples × tokens × features) sample by sample,
-        so that a batched calibration pass accumulates exactly what one sample at a time would (and
-        costs the same: the products are as large either way)."""
+        """Add one input: (tokens × features), or a batch (samples × tokens × features).
+
+        float32 inputs are added sample by sample, so that a batched calibration pass accumulates exactly
+        what one sample at a time would. bfloat16/float16 inputs on a CPU (a model run in bfloat16, whose
+        products already round differently batched and one sample at a time) are gathered and summed as one
+        float32 product per HESSIAN_ROWS_PER_PRODUCT rows, whatever the batching: the same sum in another
+        order, several times faster on CPU than one product per 256-token sample."""
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+            rows = x.reshape(-1, x.shape[-1]).float()  # a copy: the model may reuse its tensor
+            self._pending.append(rows)
+            self.nsamples += rows.shape[0]
+            if self.nsamples - self._summed >= HESSIAN_ROWS_PER_PRODUCT:
+                self._flush()
+            return
+        self._flush()
         for sample in (x if x.dim() >= 3 else [x]):
             self._add(sample.reshape(-1, sample.shape[-1]).float())
 
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = []
+        self._H *= self._summed / self.nsamples
+        self._summed = self.nsamples
+        self._H.add_(_gram(x), alpha=2.0 / self.nsamples)
+
     def _add(self, x: torch.Tensor) -> None:
         n = x.shape[0]
-        self.H *= self.nsamples / (self.nsamples + n)
+        self._H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
+        self._summed = self.nsamples
         x = x * (2.0 / self.nsamples) ** 0.5
-        self.H += x.t() @ x
+        self._H += x.t() @ x
+
+
+def _gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """xᵀx from its upper block triangle (column blocks of about a quarter of the width), mirrored: exactly
+    symmetric, and about 20% faster on 2 CPU cores than the full product (which is not quite half the
+    work here: the small diagonal-block products run below the full product's rate)."""
+    features = x.shape[1]
+    step = -(-features // blocks)
+    gram = torch.empty(features, features, dtype=x.dtype, device=x.device)
+    for i in range(0, features, step):
+        gram[i:i + step, i:] = x[:, i:i + step].t() @ x[:, i:]
+    return torch.triu(gram) + torch.triu(gram, 1).t()
 
 
 @dataclass
@@ -44,8 +89,6 @@ class GPTQResult:
     weight: torch.Tensor          # quantize-dequantized weight, original column order
     row_losses: torch.Tensor      # per output row: Σ (w - q)² / Hinv_diag² / 2, the solver's proxy for the output error
     damp_retries: int             # how often the damping had to be raised to make H positive definite
-    # Each group's grid in column order where groups are contiguous columns (no act-order), for packing.
-    grids: Optional[List[Grid]] = None
 
     @property
     def loss(self) -> float:
@@ -73,7 +116,6 @@ def gptq_quantize(
     W[:, dead] = 0
 
     per_channel: Optional[Grid] = fit_grid(W, bits, sym) if group_size == -1 else None
-    grids: Optional[List[Grid]] = None if act_order else []
     # Static groups fix every group's grid up front (on the unpermuted weight) so act-order
     # does not scatter one group's grid across the matrix.
     static: Optional[list] = None
@@ -114,8 +156,6 @@ def gptq_quantize(
                     # The grid sees the group as it is now, with the error already spread onto it.
                     ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
                     grid = fit_grid(ahead, bits, sym)
-                    if grids is not None:
-                        grids.append(grid)
                 stop = min(i2 - i1, i + group_size - col % group_size)
             quantize_columns(W1, Q1, Err1, Hinv1, grid.scale, grid.zero, maxq, i, stop)
             i = stop
@@ -126,24 +166,7 @@ def gptq_quantize(
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    if grids is not None:
-        grids = [per_channel] if per_channel is not None else static if static is not None else grids
-    return GPTQResult(weight=Q, row_losses=losses, damp_retries=retries, grids=grids)
-
-
-def packed_codes(result: GPTQResult, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [rows, cols] uint8, scales [rows, groups], zeros [rows, groups]) of a GPTQ result with
-    contiguous groups: the integer codes behind `result.weight` (which is scale · (code − zero), so
-    dividing back and rounding recovers each code exactly), for a packed kernel."""
-    if not result.grids:
-        raise ValueError("an act-order GPTQ result has no contiguous groups to pack")
-    rows, cols = result.weight.shape
-    size = cols if group_size == -1 else group_size
-    codes = torch.cat([grid.quantize(result.weight[:, g * size:(g + 1) * size])
-                       for g, grid in enumerate(result.grids)], dim=1)
-    scales = torch.cat([grid.scale for grid in result.grids], dim=1)
-    zeros = torch.cat([grid.zero.expand(rows, 1) for grid in result.grids], dim=1)
-    return codes.to(torch.uint8), scales, zeros
+    return GPTQResult(weight=Q, row_losses=losses, damp_retries=retries)
 
 
 def _static_group(col: int, perm: Optional[torch.Tensor], group_size: int) -> int:
