@@ -19,12 +19,17 @@ from typing import Dict, List, Optional
 import torch
 
 from sweep.backends import available, cuda_backend_errors
+from sweep.backends.checkpoint import kernel_classes
+from sweep.backends.cuda_int4 import KERNEL as GEMV
+from sweep.backends.cuda_int4 import GemvInt4Linear
+from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
+from sweep.backends.tinygemm import TinyGemmInt4Linear
 from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
 from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record, planned_layers
-from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
+from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize, packed_codes
 from sweep.quant.layers import quantizable_linears
 from sweep.quant.sequential import SequentialCalibration
 
@@ -75,9 +80,11 @@ class GPTQ(QuantMethod):
                           f"{', '.join(map(str, GPTQ_KERNEL_BITS[options.kernel]))}")
         if options.kernel == TINYGEMM:
             errors += tinygemm_group_size_errors(cfg.group_size)
-            if cfg.desc_act:
-                errors.append(f"desc_act=true is not allowed with method.kernel={TINYGEMM!r}: its groups must be "
-                              "contiguous columns; use desc_act=false or another kernel")
+        if options.kernel == GEMV:
+            errors += gemv_group_size_errors(cfg.group_size)
+        if options.kernel in (TINYGEMM, GEMV) and cfg.desc_act:
+            errors.append(f"desc_act=true is not allowed with method.kernel={options.kernel!r}: its groups must be "
+                          "contiguous columns; use desc_act=false or another kernel")
         if options.backend == "gptqmodel":
             errors += cuda_backend_errors("method.backend='gptqmodel'", cfg, "gptqmodel", "GPTQModel",
                                           instead="; use method.backend=torch")
@@ -95,8 +102,8 @@ class GPTQ(QuantMethod):
 
     @classmethod
     def handles_ragged_groups(cls, cfg) -> bool:
-        # tinygemm packs whole groups only; the other kernels and the torch grid take a ragged last group.
-        return cls.ragged_groups and cfg.method.get("kernel", "auto") != TINYGEMM
+        # tinygemm and gemv_int4 pack whole groups only; the other kernels and the torch grid take a ragged last group.
+        return cls.ragged_groups and cfg.method.get("kernel", "auto") not in (TINYGEMM, GEMV)
 
     def resolved_backend(self, device: str) -> str:
         backend = self.options.backend
@@ -123,14 +130,58 @@ class GPTQ(QuantMethod):
         kernel = gptq_kernel_for(cfg.bits, opts.kernel, cfg.group_size, cfg.desc_act,
                                  [record["in_features"] for record in layers.values()])
         progress.say(f"GPTQModel: {len(layers)} linears, kernel {kernel}")
+        # GPTQModel 7.6 fails on the 8B shape's head ("Cannot move a module that still contains meta
+        # tensors"); on the kernels the project packs itself the head is quantized here instead.
+        own_head = cfg.quantize_lm_head and kernel in (TINYGEMM, GEMV)
         out = quantize_and_reload(
             model, self.tokenizer, calibration, self.workdir, device,
             dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
                  damp_percent=cfg.damp_percent, true_sequential=opts.true_sequential,
-                 lm_head=cfg.quantize_lm_head),
+                 lm_head=cfg.quantize_lm_head and not own_head),
             kernel=kernel, batch_size=opts.batch_size, progress=progress, fuse=opts.fuse_projections)
-        return QuantReport(backend="gptqmodel", weights=PACKED, kernel=f"{kernel} ({', '.join(out['kernel_classes'])})",
-                           layers=layers, model=out["model"], saved_dir=out["saved_dir"])
+        report = QuantReport(backend="gptqmodel", weights=PACKED, layers=layers, model=out["model"],
+                             saved_dir=out["saved_dir"])
+        if own_head:
+            progress.say(f"lm_head: GPTQ on the quantized model's final hidden states, packed for {kernel}")
+            self.pack_lm_head(out["model"], calibration, kernel, report)
+        report.kernel = f"{kernel} ({', '.join(kernel_classes(out['model']))})"
+        return report
+
+    @torch.no_grad()
+    def pack_lm_head(self, model, calibration, kernel: str, report: QuantReport) -> None:
+        """GPTQ of the LM head on the (already quantized) model's final hidden states over the calibration
+        samples, the same solver as every other layer, its codes packed for `kernel` (tinygemm_int4 or
+        gemv_int4) in place of the float head. A tied head is untied: the input embedding keeps its weights."""
+        cfg = self.cfg
+        head = model.get_output_embeddings()
+        acc = HessianAccumulator(head.in_features, head.weight.device)
+        handle = head.register_forward_pre_hook(lambda module, args: acc.add(args[0]))
+        try:
+            for ids in calibration:
+                model(input_ids=ids.reshape(1, -1).to(head.weight.device), use_cache=False)
+        finally:
+            handle.remove()
+        result = gptq_quantize(head.weight.data, acc.H, cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent)
+        codes, scales, zeros = packed_codes(result, cfg.group_size)
+        bias = getattr(head, "bias", None)
+        if kernel == GEMV:
+            packed = GemvInt4Linear(codes, scales, zeros, cfg.group_size, dtype=head.weight.dtype, bias=bias)
+        else:
+            packed = TinyGemmInt4Linear(codes, scales.t().contiguous(), zeros.t().contiguous(), cfg.group_size,
+                                        bias=bias)
+        # The packed head must compute GPTQ's weights (bfloat16 scales: ~3 significant digits).
+        error = (packed.dequantized_weight().float() - result.weight).abs().max().item()
+        tolerance = 2e-2 * result.weight.abs().max().item() + 1e-6
+        if error > tolerance:
+            raise RuntimeError(f"lm_head packed for {kernel} does not reproduce its GPTQ weights "
+                               f"(max error {error:.3g} > {tolerance:.3g})")
+        model.set_output_embeddings(packed)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
+        report.layers["lm_head"] = layer_record(head, cfg.bits, cfg.group_size, result.loss)
+        report.notes.append(f"lm_head: GPTQ by the project's solver on the quantized model's outputs, packed for "
+                            f"{kernel} in memory (GPTQModel quantized the other layers; its checkpoint on disk, "
+                            "which disk_mb measures, keeps the float head)")
 
     @torch.no_grad()
     def _quantize_torch(self, model, calibration, progress) -> QuantReport:

@@ -9,7 +9,7 @@ model runs in). Rows never interact: linears that share H (q/k/v, gate/up) can b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -89,6 +89,8 @@ class GPTQResult:
     weight: torch.Tensor          # quantize-dequantized weight, original column order
     row_losses: torch.Tensor      # per output row: Σ (w - q)² / Hinv_diag² / 2, the solver's proxy for the output error
     damp_retries: int             # how often the damping had to be raised to make H positive definite
+    # Each group's grid in column order where groups are contiguous columns (no act-order), for packing.
+    grids: Optional[List[Grid]] = None
 
     @property
     def loss(self) -> float:
@@ -116,6 +118,7 @@ def gptq_quantize(
     W[:, dead] = 0
 
     per_channel: Optional[Grid] = fit_grid(W, bits, sym) if group_size == -1 else None
+    grids: Optional[List[Grid]] = None if act_order else []
     # Static groups fix every group's grid up front (on the unpermuted weight) so act-order
     # does not scatter one group's grid across the matrix.
     static: Optional[list] = None
@@ -156,6 +159,8 @@ def gptq_quantize(
                     # The grid sees the group as it is now, with the error already spread onto it.
                     ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
                     grid = fit_grid(ahead, bits, sym)
+                    if grids is not None:
+                        grids.append(grid)
                 stop = min(i2 - i1, i + group_size - col % group_size)
             quantize_columns(W1, Q1, Err1, Hinv1, grid.scale, grid.zero, maxq, i, stop)
             i = stop
@@ -166,7 +171,24 @@ def gptq_quantize(
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(weight=Q, row_losses=losses, damp_retries=retries)
+    if grids is not None:
+        grids = [per_channel] if per_channel is not None else static if static is not None else grids
+    return GPTQResult(weight=Q, row_losses=losses, damp_retries=retries, grids=grids)
+
+
+def packed_codes(result: GPTQResult, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [rows, cols] uint8, scales [rows, groups], zeros [rows, groups]) of a GPTQ result with
+    contiguous groups: the integer codes behind `result.weight` (which is scale · (code − zero), so
+    dividing back and rounding recovers each code exactly), for a packed kernel."""
+    if not result.grids:
+        raise ValueError("an act-order GPTQ result has no contiguous groups to pack")
+    rows, cols = result.weight.shape
+    size = cols if group_size == -1 else group_size
+    codes = torch.cat([grid.quantize(result.weight[:, g * size:(g + 1) * size])
+                       for g, grid in enumerate(result.grids)], dim=1)
+    scales = torch.cat([grid.scale for grid in result.grids], dim=1)
+    zeros = torch.cat([grid.zero.expand(rows, 1) for grid in result.grids], dim=1)
+    return codes.to(torch.uint8), scales, zeros
 
 
 def _static_group(col: int, perm: Optional[torch.Tensor], group_size: int) -> int:
