@@ -84,3 +84,20 @@ def test_baseline_is_a_trained_model(scored):
     # A trained 135M model scores tens on WikiText-2 words, an untrained one tens of thousands.
     assert 5 < scored["fp16"]["wikitext.word_perplexity"] < 100
     assert 0.2 < scored["fp16"]["lambada.acc"] < 0.8
+
+
+def test_log_likelihoods_are_summed_in_float32_whatever_the_model_runs_in(embedded_model_dir):
+    """lm-eval sums a request's token log-probabilities in the logits' dtype unless told otherwise: a
+    bfloat16 model's ~1,000-nat sum would come back as a multiple of 8 (bfloat16's spacing there)."""
+    from lm_eval.api.instance import Instance
+
+    from sweep.measure.quality import make_lm
+
+    cfg = make_config("model=smollm2-135m", "model.dtype=bfloat16")
+    model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    text = Path(calibration.__file__).with_name("wikitext-2-raw-v1.test.raw").read_text()[:3000]
+    lm = make_lm(model, tokenizer, cfg.eval)
+    (loglikelihood, _), = lm.loglikelihood([Instance("loglikelihood", {}, (text[:40], text[40:]), 0)])
+    assert loglikelihood < -500
+    assert loglikelihood != float(torch.tensor(loglikelihood).bfloat16())
