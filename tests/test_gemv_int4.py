@@ -11,7 +11,9 @@ from torch import nn
 from sweep.backends.cuda_int4 import GemvInt4Error, GemvInt4Linear, from_gptq_module, shape_errors, tile_for
 from sweep.backends.tinygemm import TinyGemmError, convert_model
 from sweep.config.schema import ConfigError
+from sweep.methods import get_method
 from sweep.validation.fields import validate
+from sweep.validation.model_fit import check_against_model
 from conftest import make_config
 from test_tinygemm import FakeGPTQLinear, random_layer
 
@@ -83,6 +85,24 @@ def test_config_errors_name_the_field_and_the_allowed_values():
     with pytest.raises(ConfigError, match="group_size=48 is not allowed with method.kernel='gemv_int4'"):
         validate(make_config("method=autoround", "method.kernel=gemv_int4", "method.export_format=auto_gptq",
                              "group_size=48"))
+
+
+def test_a_model_the_kernel_cannot_run_is_refused_before_loading(embedded_model_dir):
+    # the embedded model's widths (576, 1536) are not multiples of 1024: refused from config.json, not after quantizing
+    cfg = make_config("model=smollm2-135m-4l", "method=gptq", "method.kernel=gemv_int4", "group_size=64")
+    with pytest.raises(ConfigError) as info:
+        check_against_model(cfg)
+    message = str(info.value)
+    assert "method.kernel='gemv_int4' cannot run model" in message and "hidden_size" in message
+    assert "576" in message and "1536" in message and "tinygemm_int4" in message
+    # AutoRound's GPTQ export takes the same check (its config needs GPTQModel installed to validate)
+    assert get_method("autoround").kernel_shape_errors(cfg, {"hidden_size": 576}) != []
+    assert get_method("autoround").kernel_shape_errors(cfg, {"hidden_size": 4096}) == []
+    check_against_model(make_config("model=smollm2-135m-4l", "method=gptq", "method.kernel=tinygemm_int4",
+                                    "group_size=64"))
+    # the 8B shape's widths (4096, 14336) run on it
+    check_against_model(make_config("model=llama-3.1-8b-shape", "method=gptq", "method.kernel=gemv_int4",
+                                    "group_size=128"))
 
 
 def test_fusion_with_a_one_token_probe_keeps_the_logits():

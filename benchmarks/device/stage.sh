@@ -120,6 +120,28 @@ case "$1" in
   quality)   # the embedded model: fp16, RTN and GPTQ (GPTQModel) at 2/3/4/8 bits, g128 and g32
     sweep method=fp16 bench=none
     sweep method=rtn,gptq bits=2,3,4,8 group_size=128,32 bench=none -m ;;
+  compare-*) # issue 20 item 3: the embedded model, eval=full (whole test sets), quality only, g64 (128 does not
+    # divide 576): each method at 4 and 8 bits, calibrated ones over seeds 0-2. The model is small enough that one
+    # process leaves the GPU mostly idle, so the grid runs as parallel streams (1 CPU thread each), one process each.
+    # compare-a: fp16, RTN, GPTQ, AWQ (GPTQModel) and GPTQ/RTN at 2-3 bits; compare-b: AutoRound (auto-round wheel);
+    # compare-c: bitsandbytes nf4 / int8 (bitsandbytes wheel); compare-all: the three at once. Report: python -m sweep.report --all.
+    q="eval=full bench=none baseline=false group_size=64"
+    par() { name=$1; shift; echo "=== stream $name: python -m sweep $*"
+      (OMP_NUM_THREADS=1 python3 -m sweep "$ART" "hydra.sweep.dir=$STATE/multirun/$name" "$@" > "$STATE/$name.log" 2>&1; echo "stream $name exit $?") & sleep 1; }
+    case "$1" in compare-a|compare-all)
+        par fp16 method=fp16 $q -m
+        par rtn method=rtn bits=2,3,4,8 $q -m
+        for b in 4 8; do for s in 0 1 2; do par gptq$b-$s method=gptq bits=$b seed=$s $q -m; done; done
+        for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done
+        par gptq23 method=gptq bits=2,3 seed=0 $q -m ;; esac
+    case "$1" in compare-b|compare-all)
+        for b in 4 8; do for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $q -m; done; done ;; esac
+    case "$1" in compare-c|compare-all)
+        par bnb method=bnb bits=4,8 $q -m ;;
+    esac
+    wait
+    grep -hE "finished in|FAILED" $STATE/*.log | cut -c1-200; mkdir -p "$OUT/compare-logs"; for f in $STATE/*.log; do tail -c 20000 "$f" > "$OUT/compare-logs/$(basename $f)"; done
+    python3 -m sweep.report --all --no-log --out "$OUT/report-compare" | tail -40 ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac
 # (the command that calls this exports the store afterwards, also when a stage ran out of time)

@@ -4,6 +4,7 @@
 budget=$1; shift
 start=$(date +%s)
 . benchmarks/device/setup.sh > "$OUT/setup.log" 2>&1
+grep -A9 "^packages" "$OUT/setup.log" | grep -v "^model"   # a missing wheel shows before any stage runs
 for stage in "$@"; do
   left=$(( budget - ($(date +%s) - start) ))
   [ "$left" -lt 30 ] && { echo "no time left for $stage"; break; }

@@ -235,7 +235,9 @@ def summary_view(df: pd.DataFrame) -> pd.DataFrame:
     view = pd.DataFrame(index=df.index)
     view["config"] = [f"{c} ({b})" if b else c for c, b in zip(df["config"], df["baseline"].fillna(""))]
     view["weights"] = df["weights"]
-    view["runs"] = df["runs"].astype(str) + df["seeds"].map(lambda s: f" (seeds {s})" if s and "," in s else "")
+    # Built cell by cell: under pandas' pyarrow strings a missing seed list is None, and string + None fails.
+    view["runs"] = [f"{n} (seeds {s})" if isinstance(s, str) and "," in s else str(n)
+                    for n, s in zip(df["runs"], df["seeds"])]
     for col, label, digits in (("wikitext_word_ppl", "wikitext ppl", 2), ("lambada_ppl", "lambada ppl", 2),
                                ("lambada_acc", "lambada acc", 4)):
         if df[col].notna().any():

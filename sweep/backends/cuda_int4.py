@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -215,6 +215,19 @@ def group_size_option_errors(group_size: int) -> List[str]:
     if group_size != -1 and group_size % 32 == 0:
         return []
     return [f"group_size={group_size!r} is not allowed with method.kernel={KERNEL!r}: a multiple of 32 (e.g. 32, 64, 128)"]
+
+
+def model_shape_errors(kernel: str, in_features: Dict[str, int], group_size: int, model_name: str) -> List[str]:
+    """With method.kernel=gemv_int4 (`kernel`), the config error for a model whose linears the kernel
+    cannot run, from its config's in_features
+    (what sets each: hidden_size, intermediate_size, ...), so it is refused before loading, not after
+    quantizing."""
+    ragged = {what: n for what, n in in_features.items() if shape_errors(n, group_size)}
+    if kernel != KERNEL or not ragged:
+        return []
+    listing = "; ".join(f"{what} = {n}: {', '.join(shape_errors(n, group_size))}" for what, n in ragged.items())
+    return [f"method.kernel={KERNEL!r} cannot run model {model_name!r} ({listing}); use method.kernel=auto or "
+            f"tinygemm_int4 for this model"]
 
 
 def tile_for(in_features: int, out_features: int) -> Tuple[int, int, int]:

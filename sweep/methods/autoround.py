@@ -7,12 +7,13 @@ format cannot pack run with simulated weights (auto-round's fake format), tagged
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from sweep.backends import available
 from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
 from sweep.backends.cuda_int4 import KERNEL as GEMV
 from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size_errors
+from sweep.backends.cuda_int4 import model_shape_errors as gemv_model_shape_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
@@ -42,6 +43,10 @@ class AutoRoundMethod(QuantMethod):
     knobs = frozenset({"bits", "group_size", "sym", "quantize_lm_head"})
     needs_calibration = True
     Options = AutoRoundOptions
+
+    @classmethod
+    def kernel_shape_errors(cls, cfg, in_features: Dict[str, int]) -> List[str]:
+        return gemv_model_shape_errors(cfg.method.get("kernel", "auto"), in_features, cfg.group_size, cfg.model.name)
 
     @classmethod
     def check_options(cls, cfg, options: AutoRoundOptions) -> List[str]:

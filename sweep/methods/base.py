@@ -83,6 +83,12 @@ class QuantMethod:
         return None
 
     @classmethod
+    def kernel_shape_errors(cls, cfg, in_features: Dict[str, int]) -> List[str]:
+        """Errors for a kernel option that cannot run linears of these in_features (from the model's
+        config: what sets each, e.g. hidden_size, and its value); checked before the model loads."""
+        return []
+
+    @classmethod
     def handles_ragged_groups(cls, cfg) -> bool:
         """Whether this run can quantize a ragged last group (options may narrow `ragged_groups`)."""
         return cls.ragged_groups

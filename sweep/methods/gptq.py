@@ -23,6 +23,7 @@ from sweep.backends.checkpoint import kernel_classes
 from sweep.backends.cuda_int4 import KERNEL as GEMV
 from sweep.backends.cuda_int4 import GemvInt4Linear
 from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size_errors
+from sweep.backends.cuda_int4 import model_shape_errors as gemv_model_shape_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm import TinyGemmInt4Linear
@@ -99,6 +100,10 @@ class GPTQ(QuantMethod):
         if options.batch_tokens is not None and options.batch_tokens < 0:
             errors.append(f"method.batch_tokens={options.batch_tokens!r} is not allowed: 0 (one sample at a time) or more")
         return errors
+
+    @classmethod
+    def kernel_shape_errors(cls, cfg, in_features: Dict[str, int]) -> List[str]:
+        return gemv_model_shape_errors(cfg.method.get("kernel", "auto"), in_features, cfg.group_size, cfg.model.name)
 
     @classmethod
     def handles_ragged_groups(cls, cfg) -> bool:

@@ -74,6 +74,8 @@ def check_against_model(cfg: SweepConfig, model_config: Optional[Dict[str, Any]]
     if model_config is None:
         model_config = read_model_config(model_location(cfg.model, cfg.cache_dir))
     errors = group_size_errors(cfg, model_config) + input_group_errors(cfg, model_config)
+    if not errors:  # a ragged group already says what to change; the kernel's own limits come next
+        errors = get_method(cfg.method_name).kernel_shape_errors(cfg, linear_in_features(model_config))
     if errors:
         raise ConfigError("invalid config for this model:\n  - " + "\n  - ".join(errors))
 
