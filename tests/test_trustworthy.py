@@ -125,6 +125,56 @@ def test_a_relaunch_reuses_the_baseline_and_a_new_sweep_reuses_it_too(seeds):
     assert summary.loc[summary["method"] == "rtn", "delta_word_ppl"].notna().all()
 
 
+def test_points_that_differ_only_in_eval_measure_one_quantized_model_with_a_fresh_ones_numbers(seeds):
+    """The second point reuses the first one's quantized model (sweep/pipeline/reuse.py); its weights and its
+    WikiText-2 numbers equal those of the same point quantized in another process (the fixture's run)."""
+    tmp, _, _, _ = seeds
+    proc = run_sweep(tmp, "reuse", "method=gptq", "bits=4", "seed=1", "eval.limit.lambada=20,30", "force=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "reused (this point differs only in bench/eval)" in proc.stderr
+    client, points = _points(tmp)
+    parent = next(r for r in client.search_runs([points[0].info.experiment_id], "tags.`sweep.role` = 'sweep'")
+                  if r.data.tags.get("sweep.dir", "").endswith("reuse"))
+    mine = sorted((r for r in points if r.data.tags.get("sweep.id") == parent.data.tags["sweep.id"]
+                   and r.data.tags["method"] == "gptq"), key=lambda r: r.info.start_time)
+    assert [r.data.params["eval.limit.lambada"] for r in mine] == ["20", "30"]
+    first, second = mine
+    assert "quantized.reused_from" not in first.data.tags
+    assert second.data.tags["quantized.reused_from"] == first.info.run_id
+    fresh = next(r for r in points if r.data.tags["sweep.config_hash"] == first.data.tags["sweep.config_hash"]
+                 and r.info.run_id != first.info.run_id)          # the fixture's own run of this point
+    assert second.data.tags["weights.sha256"] == first.data.tags["weights.sha256"] == fresh.data.tags["weights.sha256"]
+    # It logs what producing the model cost (the first run's quantization), not zero.
+    assert second.data.metrics["time.quantize_s"] == first.data.metrics["time.quantize_s"] > 0
+    assert second.data.tags["calibration.fingerprint"] == first.data.tags["calibration.fingerprint"]
+    for metric in ("wikitext.word_perplexity", "wikitext.byte_perplexity", "wikitext.bits_per_byte"):
+        assert second.data.metrics[metric] == first.data.metrics[metric] == fresh.data.metrics[metric], metric
+    assert second.data.metrics["lambada.samples"] == 30 and first.data.metrics["lambada.samples"] == 20
+
+
+def test_a_held_model_is_dropped_for_another_key_and_not_passed_on_once_cast(tmp_path):
+    import torch
+
+    from sweep.methods.base import QuantReport
+    from sweep.pipeline import reuse
+
+    def held(key):
+        workdir = tmp_path / key
+        workdir.mkdir()
+        return reuse.HeldModel(key, torch.nn.Linear(2, 2), None, QuantReport("none", "simulated"), "run", str(workdir), torch.float32)
+
+    a = held("a")
+    reuse.keep(a)
+    assert reuse.take("a") is a                      # taken: no longer held
+    reuse.keep(a)
+    assert reuse.take("b") is None and not (tmp_path / "a").exists()   # another key drops it and its files
+    c = held("c")
+    c.model.to(torch.float64)                        # what eval.dtype does to a simulated model
+    reuse.keep(c)
+    assert reuse.take("c") is None and not (tmp_path / "c").exists()
+    reuse.release()
+
+
 def test_report_without_a_sweep_shows_the_latest_runs(tmp_path, monkeypatch, capsys, embedded_model_dir):
     # The single run and the report in this process (a single run's CLI in a fresh process is
     # test_a_grid_point_reproduces_bit_for_bit_in_a_fresh_process's; the report's, test_sweep_e2e's).

@@ -64,7 +64,7 @@ case "$1" in
   8b-batch-a) # throughput vs batch (report section "Throughput vs batch"), 8B shape, graph loop: bf16 and bnb nf4
     sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m
     sweep $big model.dtype=bfloat16 method=bnb bits=4 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
-  8b-batch-b) # the same for GPTQ 4-bit on tinygemm and on gemv_int4 (each batch size re-quantizes: 8 windows, speed does not depend on them)
+  8b-batch-b) # the same for GPTQ 4-bit on tinygemm and on gemv_int4 (quantized once per sweep: the other batch sizes reuse it)
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
   8b-batch-c)
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m

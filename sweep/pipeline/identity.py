@@ -57,10 +57,10 @@ def seeded(cfg: SweepConfig) -> bool:
 
 
 def config_hash(cfg: SweepConfig, device: Optional[str] = None) -> str:
-    return _hash(result_fields(cfg, device))
+    return fields_hash(result_fields(cfg, device))
 
 
-def _hash(fields: Dict[str, Any]) -> str:
+def fields_hash(fields: Dict[str, Any]) -> str:
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -70,7 +70,7 @@ def config_group(cfg: SweepConfig, device: Optional[str] = None) -> str:
     fields = result_fields(cfg, device)
     fields.pop("seed", None)
     fields.get("calibration", {}).pop("seed", None)
-    return _hash(fields)
+    return fields_hash(fields)
 
 
 def baseline_config(cfg: SweepConfig) -> SweepConfig:

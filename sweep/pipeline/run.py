@@ -36,6 +36,7 @@ from sweep.methods import get_method
 from sweep.methods.base import PACKED, SIMULATED, UNQUANTIZED, QuantReport
 from sweep.models.loading import load_model, model_fingerprint, resolve_device, resolve_dtype
 from sweep.pipeline.environment import environment_tags
+from sweep.pipeline import reuse
 from sweep.pipeline.identity import baseline_config, config_group, config_hash, seeded
 from sweep.quant.layer_bits import average_bits
 from sweep.quant.layers import decoder_checksum
@@ -90,7 +91,9 @@ class PointRun:
     progress: Progress
     peaks: memory.PeakMemory
     cache: Path                   # the cache root (calibration samples, lm-eval task files, scratch)
+    sweep_id: Optional[str] = None  # the sweep it belongs to (None: a single run)
     metrics: Dict[str, float] = field(default_factory=dict)
+    tags: Dict[str, Any] = field(default_factory=dict)   # every tag set so far (a kept model passes its own on)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -103,6 +106,7 @@ class PointRun:
 
     def tag(self, tags: Dict[str, Any]) -> None:
         self.tracker.set_tags(self.run_id, tags)
+        self.tags.update(tags)
 
     def log_json(self, data: Any, name: str) -> None:
         self.tracker.log_json(self.run_id, data, name)
@@ -153,7 +157,8 @@ def run_point(cfg: SweepConfig, ctx: Optional[SweepContext] = None, log_file: Op
         tracker.log_params(run_id, flatten(logged_config, whole={"method.layer_bits"}))
         tracker.log_text(run_id, yaml.safe_dump(logged_config, sort_keys=False), "config.yaml")
         progress.say(f"MLflow run {run_id} in {redact_uri(tracker.uri)}")
-        point = PointRun(cfg, device, tracker, run_id, progress, memory.PeakMemory(device), cache_root(cfg.cache_dir))
+        point = PointRun(cfg, device, tracker, run_id, progress, memory.PeakMemory(device), cache_root(cfg.cache_dir),
+                         sweep_id=ctx.sweep_id if ctx is not None else None)
         metrics = _measure(point)
     except KeyboardInterrupt as exc:
         _record_failure(tracker, run_id, "KILLED", log_file)
@@ -177,6 +182,33 @@ def _measure(point: PointRun) -> Dict[str, float]:
     torch.manual_seed(cfg.seed)
     method_cls = get_method(cfg.method_name)
     point.tracker.client.log_inputs(point.run_id, datasets=dataset_inputs(cfg, method_cls.needs_calibration))
+    key = reuse.quantized_model_key(cfg, point.device, point.sweep_id) if point.sweep_id else None
+    held = reuse.take(key) if key else reuse.take("")  # a single run drops what a sweep before it held
+    if held is not None:
+        _reuse_quantized(point, held)
+    else:
+        held = _quantize_model(point, method_cls, key)
+    try:
+        if cfg.bench.repeats > 0:
+            _measure_latency(point, held.model, held.tokenizer, held.report)
+        nondeterministic_ops = list(held.nondeterministic_ops)
+        if cfg.eval.tasks:
+            with deterministic() as eval_ops:
+                _measure_quality(point, held.model, held.tokenizer, held.report)
+            nondeterministic_ops += [op for op in eval_ops if op not in nondeterministic_ops]
+    except BaseException:
+        reuse.discard(held)
+        raise
+    if key:
+        reuse.keep(held)  # for the next point of this sweep that measures the same model differently
+    else:
+        reuse.discard(held)
+    _record_determinism(point, held.report, nondeterministic_ops)
+    return _log_metrics(point)
+
+
+def _quantize_model(point: PointRun, method_cls, key: Optional[str]) -> reuse.HeldModel:
+    """Load, calibrate and quantize; what they measured is kept with the model for a point that reuses it."""
     model, tokenizer = _load(point)
     workdir = tempfile.mkdtemp(prefix="quantize-", dir=scratch_dir(str(point.cache), "scratch"))
     try:
@@ -187,17 +219,23 @@ def _measure(point: PointRun) -> Dict[str, float]:
         if samples is None:
             point.tag({"calibration": "none", "calibration.source": "none"})
         _record_quantization(point, model, report)
-        if cfg.bench.repeats > 0:
-            _measure_latency(point, model, tokenizer, report)
-        if cfg.eval.tasks:
-            with deterministic() as eval_ops:
-                _measure_quality(point, model, tokenizer, report)
-            nondeterministic_ops += [op for op in eval_ops if op not in nondeterministic_ops]
-    finally:
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
-    del model
-    _record_determinism(point, report, nondeterministic_ops)
-    return _log_metrics(point)
+        raise
+    seconds = {f"time.{phase}_s": s for phase, s in point.progress.phase_seconds.items() if phase in reuse.QUANTIZE_PHASES}
+    peaks = {k: v for k, v in point.peaks.peaks.items() if k.rsplit(".", 1)[-1] in reuse.QUANTIZE_PHASES}
+    return reuse.HeldModel(key or "", model, tokenizer, report, point.run_id, workdir, reuse.model_dtype(model),
+                           metrics={**point.metrics, **seconds}, tags=dict(point.tags), peaks=peaks,
+                           nondeterministic_ops=list(nondeterministic_ops))
+
+
+def _reuse_quantized(point: PointRun, held: reuse.HeldModel) -> None:
+    """Log, for this run, what the run that quantized the model measured of it (docs: sweep/pipeline/reuse.py)."""
+    point.progress.say(f"quantized model of run {held.run_id} reused (this point differs only in bench/eval)")
+    point.tag({**held.tags, reuse.TAG_REUSED_FROM: held.run_id})
+    point.metrics.update(held.metrics)
+    point.peaks.peaks.update(held.peaks)
+    _log_quantization_artifacts(point, held.report)
 
 
 def _load(point: PointRun) -> Tuple[torch.nn.Module, Any]:
@@ -254,10 +292,7 @@ def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
         point.tag(report.tags)
     # One checksum of the quantized weights per run: equal checksums, bit-identical weights.
     point.tag({"weights.sha256": decoder_checksum(model)})
-    if report.layers:
-        point.log_json(report.layers, "quantized_layers.json")
-    if report.notes:
-        point.tracker.log_text(point.run_id, "\n".join(report.notes), "quantize_notes.txt")
+    _log_quantization_artifacts(point, report)
     metrics["quant.layers"] = float(report.num_layers)
 
     metrics["memory.weights_mb"] = memory.weight_footprint_mb(model, report.unregistered_weight_bytes)
@@ -269,12 +304,19 @@ def _record_quantization(point: PointRun, model, report: QuantReport) -> None:
         metrics["memory.packed_weights_mb"] = memory.packed_weights_mb(model, report.layers, cfg.sym)
     metrics.update(average_bits(report.layers, cfg.sym))
     metrics.update(report.metrics)
-    for name, content in report.artifacts.items():
-        point.log_json(content, name)
     if report.saved_dir:
         metrics["memory.disk_mb"] = memory.directory_size_mb(report.saved_dir, "*.safetensors")
     elif cfg.bench.disk_size:
         metrics["memory.disk_mb"] = memory.disk_size_mb(model)
+
+
+def _log_quantization_artifacts(point: PointRun, report: QuantReport) -> None:
+    if report.layers:
+        point.log_json(report.layers, "quantized_layers.json")
+    if report.notes:
+        point.tracker.log_text(point.run_id, "\n".join(report.notes), "quantize_notes.txt")
+    for name, content in report.artifacts.items():
+        point.log_json(content, name)
 
 
 def _measure_latency(point: PointRun, model, tokenizer, report: QuantReport) -> None:

@@ -40,6 +40,7 @@ from sweep.infra.progress import library_logs_to
 from sweep.infra.redact import public_overrides, redact_uri
 from sweep.methods import get_method
 from sweep.models.loading import resolve_device
+from sweep.pipeline import reuse
 from sweep.pipeline.identity import baseline_config, config_hash
 from sweep.pipeline.run import SweepContext, run_point
 from sweep.tracking.orphans import close_orphans, owner_tags
@@ -123,6 +124,7 @@ class ParentRunCallback(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        reuse.release()  # the last point's quantized model, kept in case another point measured it
         try:
             self.closed = True
             failed = self._end(config)
