@@ -233,6 +233,8 @@ def _reuse_quantized(point: PointRun, held: reuse.HeldModel) -> None:
     """Log, for this run, what the run that quantized the model measured of it (docs: sweep/pipeline/reuse.py)."""
     point.progress.say(f"quantized model of run {held.run_id} reused (this point differs only in bench/eval)")
     point.tag({**held.tags, reuse.TAG_REUSED_FROM: held.run_id})
+    # Recomputed, not copied: the tag vouches for the weights this run measures, whatever ran on them before.
+    point.tag({"weights.sha256": decoder_checksum(held.model)})
     point.metrics.update(held.metrics)
     point.peaks.peaks.update(held.peaks)
     _log_quantization_artifacts(point, held.report)
