@@ -88,11 +88,24 @@ def test_configurations_whose_runs_all_failed_are_listed_with_no_runs():
     df.loc[df["config_group"] == "awq4", "status"] = "FAILED"
     table = configs.build_configurations(df, items={})
     view = configs.summary_view(table)
-    assert view[table["config_group"] == "awq4"].iloc[0]["runs"] == "0"
+    assert view[table["config_group"] == "awq4"].iloc[0]["runs"] == "0, 1 failed"
+    assert view[table["config_group"] == "awq4"].iloc[0]["weights"] == "packed"
     assert view[table["config_group"] == "gptq4"].iloc[0]["runs"] == "3 (seeds 0,1,2)"
     df["status"] = "FAILED"
     every_failed = configs.build_configurations(df, items={})
-    assert configs.summary_view(every_failed)["runs"].tolist() == ["0"] * len(every_failed)
+    assert configs.summary_view(every_failed)["runs"].str.startswith("0, ").all()
+
+
+def test_a_run_still_running_is_not_counted_as_failed():
+    """`--all` during a sweep: the point in progress has a RUNNING run with no params yet (the text table showed
+    its weights as `nan` and counted it as failed)."""
+    df = _runs(ROWS + [("gptq", None, math.nan, math.nan, 0, math.nan, math.nan, math.nan, "gptq-new")])
+    df.loc[df["config_group"] == "gptq-new", "status"] = "RUNNING"
+    table = configs.build_configurations(df, items={})
+    running = table[table["config_group"] == "gptq-new"].iloc[0]
+    assert (running["runs"], running["failed"], running["running"]) == (0, 0, 1)
+    cell = configs.summary_view(table)[table["config_group"] == "gptq-new"].iloc[0]
+    assert (cell["runs"], cell["weights"]) == ("0, 1 running", "")
 
 
 def test_verdicts_come_from_paired_items_and_seed_spread():

@@ -65,10 +65,13 @@ case "$1" in
     sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m
     sweep $big model.dtype=bfloat16 method=bnb bits=4 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
   8b-batch-b) # the same for GPTQ 4-bit on tinygemm and on gemv_int4 (quantized once per sweep: the other batch sizes reuse it)
-    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 $int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 baseline=false -m ;;
+  8b-batch-bnb) # the bnb nf4 half of 8b-batch-a alone (its wheel travels in a later call than the GPTQ stages')
+    sweep $big model.dtype=bfloat16 method=bnb bits=4 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 baseline=false -m ;;
   8b-batch-c)
-    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m
-    sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 -m ;;
+    sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 baseline=false -m ;;
+  8b-batch-d) # GPTQ 8-bit (GPTQModel's Triton kernel)
+    sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 baseline=false -m ;;
   8b-gemv-head) # GPTQ 4-bit on gemv_int4 with the head quantized by the project's GPTQ and packed for the kernel
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 quantize_lm_head=true calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused
@@ -138,6 +141,13 @@ case "$1" in
         for b in 4 8; do for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $q -m; done; done ;; esac
     case "$1" in compare-c|compare-all)
         par bnb method=bnb bits=4,8 $q -m ;;
+    esac
+    case "$1" in compare-rest) # what the sixth visit's call did not finish (its rows are in h200-2026-12-03-compare.csv)
+        par rtn8 method=rtn bits=8 $q -m
+        par gptq3 method=gptq bits=3 seed=0 $q -m
+        for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done
+        for b in 4 8; do for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $q -m; done; done
+        par bnb8 method=bnb bits=8 $q -m ;;
     esac
     wait
     grep -hE "finished in|FAILED" $STATE/*.log | cut -c1-200; mkdir -p "$OUT/compare-logs"; for f in $STATE/*.log; do tail -c 20000 "$f" > "$OUT/compare-logs/$(basename $f)"; done

@@ -42,7 +42,7 @@ VERDICTS = ["ranking_metric", "vs_best", "p_vs_best", "vs_fp16", "p_vs_fp16"]
 
 def config_columns() -> List[str]:
     quality = [c for col in QUALITY for c in (col, *(f"{col}_{s}" for s in STATS))]
-    return (["config", "runs", "seeds", "failed", "deterministic", "baseline", *IDENTITY, *quality, *COSTS,
+    return (["config", "runs", "seeds", "failed", "running", "deterministic", "baseline", *IDENTITY, *quality, *COSTS,
              *DELTAS, *VERDICTS, "config_group", "baseline_hash", "run_ids"])
 
 
@@ -74,7 +74,10 @@ def build_configurations(runs: pd.DataFrame, items: Dict[str, Optional[dict]]) -
         finished = part[part["status"] == "FINISHED"]
         first = (finished if len(finished) else part).iloc[0]
         row = {col: first.get(col) for col in IDENTITY}
-        row.update(config=_label(first, calibrations), runs=len(finished), failed=int(len(part) - len(finished)),
+        # A run still RUNNING (a sweep in progress, or one killed before a relaunch looked at it) has not failed.
+        running = int((part["status"] == "RUNNING").sum())
+        row.update(config=_label(first, calibrations), runs=len(finished), running=running,
+                   failed=int(len(part) - len(finished) - running),
                    seeds=",".join(sorted({str(s) for s in finished["seed"].dropna()},
                                          key=lambda s: (len(s), s))),   # numeric order for integer seeds
                    deterministic=_all_true(finished["deterministic"]), config_group=group,
@@ -230,14 +233,19 @@ NOTES = ("Each row is one configuration: its runs differ only in the seed (runs,
          "implementation ran (the run's tag deterministic.ops names it).")
 
 
+def _runs_cell(finished: int, seeds, failed: int, running: int) -> str:
+    cell = f"{finished} (seeds {seeds})" if isinstance(seeds, str) and "," in seeds else str(finished)
+    others = [f"{n} {what}" for n, what in ((failed, "failed"), (running, "running")) if n]
+    return f"{cell}, {', '.join(others)}" if others else cell
+
+
 def summary_view(df: pd.DataFrame) -> pd.DataFrame:
     """The configuration table as text cells: the columns a reader ranks by, rounded, mean ± std."""
     view = pd.DataFrame(index=df.index)
     view["config"] = [f"{c} ({b})" if b else c for c, b in zip(df["config"], df["baseline"].fillna(""))]
-    view["weights"] = df["weights"]
+    view["weights"] = df["weights"].map(lambda w: w if isinstance(w, str) else "")
     # Built cell by cell: under pandas' pyarrow strings a missing seed list is None, and string + None fails.
-    view["runs"] = [f"{n} (seeds {s})" if isinstance(s, str) and "," in s else str(n)
-                    for n, s in zip(df["runs"], df["seeds"])]
+    view["runs"] = [_runs_cell(n, s, f, r) for n, s, f, r in zip(df["runs"], df["seeds"], df["failed"], df["running"])]
     for col, label, digits in (("wikitext_word_ppl", "wikitext ppl", 2), ("lambada_ppl", "lambada ppl", 2),
                                ("lambada_acc", "lambada acc", 4)):
         if df[col].notna().any():
