@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -180,3 +182,13 @@ def test_throughput_vs_batch_compares_each_batch_with_fp16_at_the_same_batch():
     # one batch size only: no section, and the batch-1 speed figure keeps every point
     single = df[df["batch_size"] == 1]
     assert report_section(ReportData(single, "one batch")) is None
+
+
+def test_the_report_reads_a_store_without_importing_the_measurements():
+    """`python -m sweep.report` needs pandas and MLflow, not torch/transformers/lm-eval: it imported torch
+    (2-2.5 s of its start) through two constants, the artifact names, held by the measurement modules."""
+    code = ("import sys, sweep.report; "
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from sweep.analysis.sections import ReportData, Section
-from sweep.measure.sensitivity import ARTIFACT, LM_HEAD
+from sweep.measure.artifacts import LM_HEAD, SENSITIVITY_ARTIFACT
 from sweep.tracking.tracker import read_artifact
 
 SENSITIVITY_RUNS = "tags.method = 'sensitivity' and attributes.status = 'FINISHED'"
@@ -58,7 +58,7 @@ def find_sensitivity_runs(client, experiment_id: str, model_path: Optional[str] 
 
 
 def load_table(client, run_id: str) -> Dict[str, Any]:
-    return json.loads(read_artifact(client, run_id, ARTIFACT))
+    return json.loads(read_artifact(client, run_id, SENSITIVITY_ARTIFACT))
 
 
 def write_heatmap(client, experiment_id: str, out_dir: Path, run_id: Optional[str] = None) -> Optional[Path]:

@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from sweep.measure.quality import ITEMS_ARTIFACT
+from sweep.measure.artifacts import ITEMS_ARTIFACT
 from sweep.measure.uncertainty import CONFIDENCE, MIN_ITEMS, METRICS, N_RESAMPLES, RANDOM_STATE, ItemMetric
 from sweep.tracking.tracker import read_artifact
 

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
-import torch
+if TYPE_CHECKING:  # annotations only: the report imports this module and needs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,6 @@ from sweep.measure.uncertainty import items_from_samples, metric_intervals
 
 log = logging.getLogger(__name__)
 
-# The per-item results of a run's evaluation, as an artifact (read back by sweep/analysis/significance.py).
-ITEMS_ARTIFACT = "eval_items.json"
 
 # lm-eval result keys → our metric names (the part after "<task>.")
 METRICS = {

@@ -20,11 +20,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from sweep.measure.artifacts import LM_HEAD
 from sweep.quant.grid import qdq_rtn
 from sweep.quant.layers import LayerInputs, capture_first_layer_inputs, decoder_layers, quantizable_linears, run_layer
 
-ARTIFACT = "sensitivity.json"
-LM_HEAD = "lm_head"
 # Short names of a decoder layer's sub-blocks (the first component of a linear's name in the layer).
 BLOCK_NAMES = {"self_attn": "attn", "attention": "attn", "attn": "attn", "mlp": "mlp", "feed_forward": "mlp"}
 
@@ -84,7 +83,7 @@ def _head_nll(model: nn.Module, hidden: Sequence[torch.Tensor], windows: Sequenc
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, seqlen: int, bits: int, group_size: int, sym: bool,
                         include_lm_head: bool, progress) -> Dict[str, Any]:
-    """The sensitivity table of `model` on `tokens` (a 1-D probe), as written to ARTIFACT."""
+    """The sensitivity table of `model` on `tokens` (a 1-D probe), as written to SENSITIVITY_ARTIFACT (sweep/measure/artifacts.py)."""
     device = next(model.parameters()).device
     windows = [tokens[s:s + seqlen].unsqueeze(0).to(device) for s in range(0, len(tokens), seqlen)
                if len(tokens[s:s + seqlen]) >= 2]

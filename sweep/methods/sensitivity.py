@@ -12,7 +12,8 @@ from typing import List
 
 from sweep.measure.probe import probe_tokens
 from sweep.methods.base import UNQUANTIZED, QuantMethod, QuantReport
-from sweep.measure.sensitivity import ARTIFACT, measure_sensitivity, table_metrics
+from sweep.measure.artifacts import SENSITIVITY_ARTIFACT
+from sweep.measure.sensitivity import measure_sensitivity, table_metrics
 
 
 @dataclass
@@ -48,4 +49,4 @@ class Sensitivity(QuantMethod):
                                     cfg.quantize_lm_head, progress)
         table["probe_docs"] = list(opts.probe_docs)
         return QuantReport(backend="sweep-torch", weights=UNQUANTIZED, metrics=table_metrics(table),
-                           artifacts={ARTIFACT: table})
+                           artifacts={SENSITIVITY_ARTIFACT: table})
