@@ -108,6 +108,10 @@ def test_a_run_still_running_is_not_counted_as_failed():
     assert (running["runs"], running["failed"], running["running"]) == (0, 0, 1)
     cell = configs.summary_view(table)[table["config_group"] == "gptq-new"].iloc[0]
     assert (cell["runs"], cell["weights"]) == ("0, 1 running", "")
+    # The baseline's note says the same of a baseline still running.
+    df.loc[df["config_group"] == "base", "status"] = "RUNNING"
+    table = configs.build_configurations(df, items={})
+    assert table[table["config_group"] == "base"].iloc[0]["baseline"] == "baseline, running"
 
 
 def test_verdicts_come_from_paired_items_and_seed_spread():

@@ -82,7 +82,7 @@ def build_configurations(runs: pd.DataFrame, items: Dict[str, Optional[dict]]) -
                                          key=lambda s: (len(s), s))),   # numeric order for integer seeds
                    deterministic=_all_true(finished["deterministic"]), config_group=group,
                    baseline_hash=first.get("baseline_hash"), run_ids=",".join(finished["run_id"]),
-                   baseline=_baseline_note(finished) if first["method"] == "fp16" else "")
+                   baseline=_baseline_note(finished, running) if first["method"] == "fp16" else "")
         seeded = str(first.get("seeded")).lower() != "false"
         run_items = [items.get(r) for r in finished["run_id"]]
         for col, name in QUALITY.items():
@@ -118,9 +118,9 @@ def _all_true(values: pd.Series) -> Optional[bool]:
     return all(f == "true" for f in flags)
 
 
-def _baseline_note(finished: pd.DataFrame) -> str:
+def _baseline_note(finished: pd.DataFrame, running: int) -> str:
     if not len(finished):
-        return "baseline, failed"
+        return "baseline, running" if running else "baseline, failed"
     reused = finished["reused"].fillna(False).astype(bool) if "reused" in finished else pd.Series([False])
     if reused.all():
         return f"baseline, reused run {finished['run_id'].iloc[0][:8]}"

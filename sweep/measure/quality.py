@@ -25,7 +25,6 @@ from sweep.measure.uncertainty import items_from_samples, metric_intervals
 
 log = logging.getLogger(__name__)
 
-
 # lm-eval result keys → our metric names (the part after "<task>.")
 METRICS = {
     "wikitext": {"word_perplexity,none": "word_perplexity", "byte_perplexity,none": "byte_perplexity",

@@ -83,7 +83,8 @@ def _head_nll(model: nn.Module, hidden: Sequence[torch.Tensor], windows: Sequenc
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, seqlen: int, bits: int, group_size: int, sym: bool,
                         include_lm_head: bool, progress) -> Dict[str, Any]:
-    """The sensitivity table of `model` on `tokens` (a 1-D probe), as written to SENSITIVITY_ARTIFACT (sweep/measure/artifacts.py)."""
+    """The sensitivity table of `model` on `tokens` (a 1-D probe), as written to SENSITIVITY_ARTIFACT
+    (sweep/measure/artifacts.py)."""
     device = next(model.parameters()).device
     windows = [tokens[s:s + seqlen].unsqueeze(0).to(device) for s in range(0, len(tokens), seqlen)
                if len(tokens[s:s + seqlen]) >= 2]

@@ -31,8 +31,8 @@ from sweep.infra.progress import Progress, sweep_eta
 from sweep.infra.redact import public_config, redact_uri
 from sweep.measure import memory
 from sweep.measure.latency import bandwidth_fraction, device_bandwidth_gbps, measure_latency, sample_generations
-from sweep.measure.quality import evaluate
 from sweep.measure.artifacts import ITEMS_ARTIFACT
+from sweep.measure.quality import evaluate
 from sweep.methods import get_method
 from sweep.methods.base import PACKED, SIMULATED, UNQUANTIZED, QuantReport
 from sweep.models.loading import load_model, model_fingerprint, resolve_device, resolve_dtype
