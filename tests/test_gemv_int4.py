@@ -139,9 +139,29 @@ def test_kernel_matches_the_exact_fallback_on_the_gpu():
         expected = x.float() @ layer.dequantized_weight().float().t()
         got = layer(x).float()
         assert (got - expected).abs().max() < 0.01 * expected.abs().max()
-        rows = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)   # a small batch: one GEMV per row
-        expected = rows.float() @ layer.dequantized_weight().float().t()
-        assert (layer(rows).float() - expected).abs().max() < 0.01 * expected.abs().max()
+        # small batches: the tensor-core kernel (groups of 128), in one call up to 32 rows, two calls for 40
+        for batch in (2, 3, 8, 9, 17, 32, 40):
+            rows = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            expected = rows.float() @ layer.dequantized_weight().float().t()
+            assert (layer(rows).float() - expected).abs().max() < 0.01 * expected.abs().max(), batch
+    # groups of 64 keep one GEMV per row for a small batch
+    layer = gemv_layer(96, 1024, 64, seed=1)[0].cuda()
+    assert not layer.mma
+    rows = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    expected = rows.float() @ layer.dequantized_weight().float().t()
+    assert (layer(rows).float() - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+def test_small_batches_take_the_tensor_core_kernel_where_groups_allow():
+    from sweep.backends.cuda_int4 import mma_shape_errors, mma_tile_for
+
+    assert mma_shape_errors(4096, 128) == [] and mma_shape_errors(14336, 128) == []
+    assert mma_shape_errors(1024, 64) and mma_shape_errors(576, 128)
+    assert gemv_layer(48, 1024, 128)[0].mma and not gemv_layer(48, 1024, 64)[0].mma
+    # the tile covers the batch's rows in 8-row tiles, within the instantiated kernels
+    for rows in range(1, 33):
+        m_tiles, n_tiles, warps = mma_tile_for(4096, rows)
+        assert 8 * n_tiles >= rows and (m_tiles, n_tiles) in {(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4), (2, 4)}
 
 
 @pytest.mark.parametrize("kernel", ["tinygemm_int4", "gemv_int4"])

@@ -138,6 +138,177 @@ void dispatch(const torch::Tensor& x, const torch::Tensor& qweight, const torch:
   TORCH_CHECK(false, "gemv_int4: no kernel for per_thread=", per_thread, " rows_per_step=", rows_per_step);
 }
 
+
+// ---- Small batches (2..8*NT rows) on the tensor cores: each packed weight is read once for all rows ----
+// mma.sync m16n8k16: A = 16 weight rows x 16 inputs (the codes, as 128 + q in bf16 / 1024 + q in fp16,
+// exact), B = 16 inputs x 8 batch rows of x, fp32 accumulators. The 16 inputs of one mma need not be
+// consecutive columns, only the same ones in A and B: thread (g = lane / 4, t = lane % 4) loads 32
+// consecutive columns (one 16-byte vector per weight row) of a 128-column chunk and feeds the 8 mmas of
+// the chunk 4 of them each, so neither the weights nor x are repacked. A chunk lies inside one
+// quantization group (group % 128 == 0), so its sums are scaled once: y += s * (acc - OFF * sum(x)) - zs * sum(x).
+template <typename T> struct MmaOf;
+template <> struct MmaOf<__nv_bfloat16> {
+  static constexpr unsigned kPair = 0x43004300u; static constexpr float kOffset = 128.f;
+  static __device__ __forceinline__ float pair_sum(unsigned u) { return __uint_as_float(u << 16) + __uint_as_float(u & 0xffff0000u); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaOf<__half> {
+  static constexpr unsigned kPair = 0x64006400u; static constexpr float kOffset = 1024.f;
+  static __device__ __forceinline__ float pair_sum(unsigned u) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u)); return f.x + f.y;
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Nibbles 0,1 (or 2,3) of the low 16 bits of h as two 16-bit floats OFF + q.
+__device__ __forceinline__ unsigned nibbles01(unsigned h, unsigned pair) { return (h & 0xFu) | ((h & 0xF0u) << 12) | pair; }
+__device__ __forceinline__ unsigned nibbles23(unsigned h, unsigned pair) { return ((h >> 8) & 0xFu) | ((h & 0xF000u) << 4) | pair; }
+
+template <typename T, int M, int NT>
+__global__ void __launch_bounds__(256) mma_int4_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ qw, const T* __restrict__ scales, const T* __restrict__ zs,
+    T* __restrict__ y, int N, int K, int B, int group) {
+  using Op = MmaOf<T>;
+  extern __shared__ float reduce[];                          // [warps][M * 16 rows][NT * 8 batch rows]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int chunks = K >> 7, n_groups = K / group, vec_per_row = K >> 5;
+  const int row0 = blockIdx.x * (M * 16);
+  float acc[M][NT][4];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][n][i] = 0.f;
+  for (int c = warp; c < chunks; c += warps) {
+    uint4 wa[M], wb[M];                                      // rows g and g + 8 of each 16-row tile
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int ra = min(row0 + m * 16 + g, N - 1), rb = min(row0 + m * 16 + g + 8, N - 1);
+      wa[m] = __ldcs(qw + (size_t)ra * vec_per_row + c * 4 + t);
+      wb[m] = __ldcs(qw + (size_t)rb * vec_per_row + c * 4 + t);
+    }
+    unsigned xw[NT][16];                                     // x[batch 8n + g][this thread's 32 columns], in pairs
+    float xsum[NT][2];                                       // sum of the chunk's x for batch rows 8n + 2t, 8n + 2t + 1
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int b = n * 8 + g;
+      float s = 0.f;
+      if (b < B) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)b * K + c * 128 + t * 32);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const uint4 r = __ldg(xp + v);
+          xw[n][4 * v] = r.x; xw[n][4 * v + 1] = r.y; xw[n][4 * v + 2] = r.z; xw[n][4 * v + 3] = r.w;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) xw[n][j] = 0u;
+      }
+#pragma unroll
+      for (int j = 0; j < 16; ++j) s += Op::pair_sum(xw[n][j]);
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      xsum[n][0] = __shfl_sync(0xffffffffu, s, 8 * t);
+      xsum[n][1] = __shfl_sync(0xffffffffu, s, 8 * t + 4);
+    }
+    const int grp = (c << 7) / group;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const unsigned a_words[4] = {wa[m].x, wa[m].y, wa[m].z, wa[m].w};
+      const unsigned b_words[4] = {wb[m].x, wb[m].y, wb[m].z, wb[m].w};
+      float part[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[n][i] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {                          // k-tile i: this thread's columns 4i .. 4i + 3
+        const unsigned ha = a_words[i >> 1] >> (16 * (i & 1)), hb = b_words[i >> 1] >> (16 * (i & 1));
+        const unsigned frag[4] = {nibbles01(ha, Op::kPair), nibbles01(hb, Op::kPair),
+                                  nibbles23(ha, Op::kPair), nibbles23(hb, Op::kPair)};
+#pragma unroll
+        for (int n = 0; n < NT; ++n) Op::mma(part[n], frag, xw[n][2 * i], xw[n][2 * i + 1]);
+      }
+      const int ra = min(row0 + m * 16 + g, N - 1), rb = min(row0 + m * 16 + g + 8, N - 1);
+      const float sa = to_float(scales[(size_t)ra * n_groups + grp]), za = to_float(zs[(size_t)ra * n_groups + grp]);
+      const float sb = to_float(scales[(size_t)rb * n_groups + grp]), zb = to_float(zs[(size_t)rb * n_groups + grp]);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[m][n][0] += sa * (part[n][0] - Op::kOffset * xsum[n][0]) - za * xsum[n][0];
+        acc[m][n][1] += sa * (part[n][1] - Op::kOffset * xsum[n][1]) - za * xsum[n][1];
+        acc[m][n][2] += sb * (part[n][2] - Op::kOffset * xsum[n][0]) - zb * xsum[n][0];
+        acc[m][n][3] += sb * (part[n][3] - Op::kOffset * xsum[n][1]) - zb * xsum[n][1];
+      }
+    }
+  }
+  constexpr int rows = M * 16, cols = NT * 8;
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      float* top = reduce + ((size_t)warp * rows + m * 16 + g) * cols + n * 8 + 2 * t;
+      top[0] = acc[m][n][0]; top[1] = acc[m][n][1];
+      top[8 * cols] = acc[m][n][2]; top[8 * cols + 1] = acc[m][n][3];
+    }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    const int r = idx / cols, b = idx % cols;
+    if (b >= B || row0 + r >= N) continue;
+    float s = 0.f;
+    for (int w = 0; w < warps; ++w) s += reduce[w * rows * cols + idx];
+    y[(size_t)b * N + row0 + r] = from_float<T>(s);
+  }
+}
+
+template <typename T, int M, int NT>
+void launch_mma(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                const torch::Tensor& zs, torch::Tensor& y, int warps, int group) {
+  const int N = qweight.size(0), K = qweight.size(1) * 8, B = x.size(0);
+  const int blocks = (N + M * 16 - 1) / (M * 16);
+  const size_t shared = sizeof(float) * warps * M * 16 * NT * 8;
+  mma_int4_kernel<T, M, NT><<<blocks, warps * 32, shared, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qweight.data_ptr()),
+      reinterpret_cast<const T*>(scales.data_ptr()), reinterpret_cast<const T*>(zs.data_ptr()),
+      reinterpret_cast<T*>(y.data_ptr()), N, K, B, group);
+}
+
+template <typename T>
+void dispatch_mma(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                  const torch::Tensor& zs, torch::Tensor& y, int64_t m_tiles, int64_t n_tiles, int64_t warps, int64_t group) {
+#define SWEEP_CASE(M_, NT_) \
+  if (m_tiles == M_ && n_tiles == NT_) return launch_mma<T, M_, NT_>(x, qweight, scales, zs, y, warps, group);
+  SWEEP_CASE(1, 1) SWEEP_CASE(2, 1) SWEEP_CASE(4, 1) SWEEP_CASE(1, 2) SWEEP_CASE(2, 2) SWEEP_CASE(1, 4) SWEEP_CASE(2, 4)
+#undef SWEEP_CASE
+  TORCH_CHECK(false, "mma_int4: no kernel for m_tiles=", m_tiles, " n_tiles=", n_tiles);
+}
+
+torch::Tensor mma_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs,
+                       int64_t group, int64_t m_tiles, int64_t n_tiles, int64_t warps) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 8, B = x.size(0);
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(1) == K, "mma_int4: x must be a contiguous CUDA [rows, ", K, "]");
+  TORCH_CHECK(B >= 1 && B <= 8 * n_tiles, "mma_int4: ", B, " rows need n_tiles >= ", (B + 7) / 8);
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "mma_int4: qweight must be contiguous int32");
+  TORCH_CHECK(K % 128 == 0 && group % 128 == 0 && K % group == 0, "mma_int4: in_features ", K, " and group ", group, " must be multiples of 128");
+  TORCH_CHECK(warps >= 1 && warps <= 8, "mma_int4: 1 to 8 warps per block");
+  TORCH_CHECK(scales.dtype() == x.dtype() && zs.dtype() == x.dtype(), "mma_int4: scales and zs must have x's dtype");
+  auto y = torch::empty({B, N}, x.options());
+  if (x.scalar_type() == torch::kBFloat16)
+    dispatch_mma<__nv_bfloat16>(x, qweight, scales, zs, y, m_tiles, n_tiles, warps, group);
+  else if (x.scalar_type() == torch::kHalf)
+    dispatch_mma<__half>(x, qweight, scales, zs, y, m_tiles, n_tiles, warps, group);
+  else
+    TORCH_CHECK(false, "mma_int4: x must be bfloat16 or float16");
+  return y;
+}
+
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs,
                         int64_t group, int64_t rows_per_block, int64_t per_thread, int64_t rows_per_step) {
   const int64_t N = qweight.size(0), K = qweight.size(1) * 8;
@@ -166,8 +337,10 @@ def extension():
     from torch.utils.cpp_extension import load_inline
     return load_inline(name="sweep_gemv_int4", cpp_sources="torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor qweight, "
                        "torch::Tensor scales, torch::Tensor zs, int64_t group, int64_t rows_per_block, "
-                       "int64_t per_thread, int64_t rows_per_step);",
-                       cuda_sources=_SOURCE, functions=["gemv_int4"],
+                       "int64_t per_thread, int64_t rows_per_step);\n"
+                       "torch::Tensor mma_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, "
+                       "torch::Tensor zs, int64_t group, int64_t m_tiles, int64_t n_tiles, int64_t warps);",
+                       cuda_sources=_SOURCE, functions=["gemv_int4", "mma_int4"],
                        extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17"]
                        + (["-Xptxas", "-v"] if os.environ.get("SWEEP_VERBOSE_BUILD") else []),
                        verbose=bool(os.environ.get("SWEEP_VERBOSE_BUILD")))
@@ -193,6 +366,26 @@ def gemv_int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 @gemv_int4_op.register_fake
 def _(x, qweight, scales, zs, group_size, rows_per_block, per_thread, rows_per_step):
     return x.new_empty((1, qweight.shape[0]))
+
+
+def mma_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: torch.Tensor, group_size: int,
+             m_tiles: int = 1, n_tiles: int = 1, warps: int = 4) -> torch.Tensor:
+    """y [rows, out] = x [rows, in] @ dequantized(W)ᵀ on the tensor cores, rows <= 8 * n_tiles; every packed
+    weight is read once for all the rows (in_features and group_size multiples of 128)."""
+    if x.data_ptr() % 16:
+        x = x.clone()
+    return extension().mma_int4(x.contiguous(), qweight, scales, zs, group_size, m_tiles, n_tiles, warps)
+
+
+@torch.library.custom_op("sweep::mma_int4", mutates_args=())
+def mma_int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zs: torch.Tensor, group_size: int,
+                m_tiles: int, n_tiles: int, warps: int) -> torch.Tensor:
+    return mma_int4(x, qweight, scales, zs, group_size, m_tiles, n_tiles, warps)
+
+
+@mma_int4_op.register_fake
+def _(x, qweight, scales, zs, group_size, m_tiles, n_tiles, warps):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 class GemvInt4Error(ValueError):
@@ -242,13 +435,36 @@ def tile_for(in_features: int, out_features: int) -> Tuple[int, int, int]:
 
 
 # Up to this many input rows run as one GEMV each (each reads the packed weights once: 4.25 bits per
-# weight and row); more rows dequantize to a float weight and run one matmul (read 4.25 bits, write and
-# read 16 per weight), which costs about as much as 8 GEMVs. Byte arithmetic, not a measured crossover.
+# weight and row) where the tensor-core kernel cannot run (groups not a multiple of 128); more rows
+# dequantize to a float weight and run one matmul (read 4.25 bits, write and read 16 per weight), which
+# costs about as much as 8 GEMVs. Byte arithmetic, not a measured crossover.
 GEMV_MAX_ROWS = 8
+# The tensor-core kernel takes up to MMA_ROWS rows per call (each call reads the packed weights once);
+# up to MMA_MAX_ROWS rows (decode at batch 64: two calls) it runs, above that (a prompt) the dequantized matmul.
+MMA_ROWS = 32
+MMA_MAX_ROWS = 64
+
+
+def mma_shape_errors(in_features: int, group_size: int) -> List[str]:
+    """What keeps a layer off the tensor-core kernel (it then runs one GEMV per row): 128-column chunks,
+    each inside one quantization group."""
+    if in_features % 128 == 0 and group_size % 128 == 0 and in_features % group_size == 0:
+        return []
+    return [f"in_features {in_features} and group_size {group_size} must be multiples of 128"]
+
+
+def mma_tile_for(out_features: int, rows: int) -> Tuple[int, int, int]:
+    """(m_tiles, n_tiles, warps) for `rows` input rows: n_tiles 8-row tiles of the batch (1, 2 or 4), and
+    16-row weight tiles per block so that even the 4096-row shapes give every SM several blocks."""
+    n_tiles = 1 if rows <= 8 else 2 if rows <= 16 else 4
+    m_tiles = 2 if out_features >= 16384 and n_tiles <= 4 else 1
+    return m_tiles, n_tiles, 4
 
 
 class GemvInt4Linear(nn.Module):
-    """y = x @ W.T + b with W as 4-bit codes for the project's GEMV (up to GEMV_MAX_ROWS input rows on CUDA).
+    """y = x @ W.T + b with W as 4-bit codes for the project's kernels on CUDA: one input row runs the
+    GEMV, 2 to MMA_MAX_ROWS rows the tensor-core kernel (groups of 128: each weight read once for up to
+    32 rows; other groups: one GEMV per row up to GEMV_MAX_ROWS).
 
     Any other call (a prompt's many rows, a CPU tensor) dequantizes the weight and runs an ordinary
     matmul: exact, but it reads several times the bytes, so this layer is for small-batch decode."""
@@ -268,6 +484,7 @@ class GemvInt4Linear(nn.Module):
         self.register_buffer("zs", zs)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.tile = tile_for(in_features, out_features)
+        self.mma = not mma_shape_errors(in_features, group_size)
 
     @classmethod
     def concatenate(cls, layers: List["GemvInt4Linear"]) -> "GemvInt4Linear":
@@ -289,6 +506,7 @@ class GemvInt4Linear(nn.Module):
                               torch.zeros(layer.out_features, dtype=like.dtype, device=like.device) for layer in layers])
         fused.register_buffer("bias", bias)
         fused.tile = tile_for(fused.in_features, fused.out_features)
+        fused.mma = first.mma
         return fused
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -302,9 +520,16 @@ class GemvInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.dtype)
-        if flat.is_cuda and flat.shape[0] <= GEMV_MAX_ROWS:
-            out = torch.cat([gemv_int4_op(flat[i:i + 1], self.qweight, self.scales, self.zs, self.group_size,
-                                          *self.tile) for i in range(flat.shape[0])])
+        rows = flat.shape[0]
+        if flat.is_cuda and (rows == 1 or (rows <= GEMV_MAX_ROWS and not self.mma)):
+            parts = [gemv_int4_op(flat[i:i + 1], self.qweight, self.scales, self.zs, self.group_size, *self.tile)
+                     for i in range(rows)]
+            out = parts[0] if rows == 1 else torch.cat(parts)
+        elif flat.is_cuda and self.mma and rows <= MMA_MAX_ROWS:
+            parts = [mma_int4_op(flat[i:i + MMA_ROWS], self.qweight, self.scales, self.zs, self.group_size,
+                                 *mma_tile_for(self.out_features, min(MMA_ROWS, rows - i)))
+                     for i in range(0, rows, MMA_ROWS)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         else:
             out = flat @ self.dequantized_weight().t()
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
