@@ -131,23 +131,24 @@ def test_fusion_with_a_one_token_probe_keeps_the_logits():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA int4 GEMV needs a CUDA GPU and nvcc")
-def test_kernel_matches_the_exact_fallback_on_the_gpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_matches_the_exact_fallback_on_the_gpu(dtype):
     for k, n in [(4096, 4096), (14336, 512), (1024, 96)]:
-        layer, _ = gemv_layer(n, k, 128, seed=k)
+        layer, _ = gemv_layer(n, k, 128, seed=k, dtype=dtype)
         layer = layer.cuda()
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
         expected = x.float() @ layer.dequantized_weight().float().t()
         got = layer(x).float()
         assert (got - expected).abs().max() < 0.01 * expected.abs().max()
         # small batches: the tensor-core kernel (groups of 128), in one call up to 32 rows, two calls for 40
         for batch in (2, 3, 8, 9, 17, 32, 40):
-            rows = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            rows = torch.randn(batch, k, device="cuda", dtype=dtype)
             expected = rows.float() @ layer.dequantized_weight().float().t()
             assert (layer(rows).float() - expected).abs().max() < 0.01 * expected.abs().max(), batch
     # groups of 64 keep one GEMV per row for a small batch
-    layer = gemv_layer(96, 1024, 64, seed=1)[0].cuda()
+    layer = gemv_layer(96, 1024, 64, seed=1, dtype=dtype)[0].cuda()
     assert not layer.mma
-    rows = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randn(3, 1024, device="cuda", dtype=dtype)
     expected = rows.float() @ layer.dequantized_weight().float().t()
     assert (layer(rows).float() - expected).abs().max() < 0.01 * expected.abs().max()
 
