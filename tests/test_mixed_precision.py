@@ -15,7 +15,8 @@ from sweep.measure import memory
 from sweep.methods import get_method
 from sweep.models.loading import load_model
 from sweep.infra.progress import Progress
-from sweep.quant.grid import qdq_rtn, storage_bits_per_weight
+from sweep.quant.grid import qdq_rtn
+from sweep.quant.storage import storage_bits_per_weight
 from sweep.quant.layer_bits import KEEP_BITS, average_bits, plan_layers
 
 SMALL = ["model=smollm2-135m-4l", "calibration.nsamples=2", "calibration.seqlen=32"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sweep.quant.grid import fit_grid, qdq_rtn, storage_bits_per_weight
+from sweep.quant.grid import fit_grid, qdq_rtn
+from sweep.quant.storage import storage_bits_per_weight
 from sweep.quant import gptq_columns, gptq_solver
 from sweep.quant.gptq_solver import HessianAccumulator, _upper_cholesky_of_inverse, gptq_quantize
 

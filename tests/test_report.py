@@ -188,10 +188,13 @@ def test_throughput_vs_batch_compares_each_batch_with_fp16_at_the_same_batch():
     assert report_section(ReportData(single, "one batch")) is None
 
 
-def test_the_report_reads_a_store_without_importing_the_measurements():
-    """`python -m sweep.report` needs pandas and MLflow, not torch/transformers/lm-eval: it imported torch
-    (2-2.5 s of its start) through two constants, the artifact names, held by the measurement modules."""
-    code = ("import sys, sweep.report; "
+@pytest.mark.parametrize("command", ["sweep.report", "sweep.allocate"])
+def test_the_commands_that_read_a_store_do_not_import_the_measurements(command):
+    """`python -m sweep.report` and `python -m sweep.allocate` need pandas and MLflow, not
+    torch/transformers/lm-eval: the report imported torch (2-2.5 s of its start) through two constants,
+    the artifact names, held by the measurement modules; the allocation through the formula for a packed
+    format's bits per weight, held by the torch quantizer (now sweep/quant/storage.py)."""
+    code = (f"import sys, {command}; "
             "print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

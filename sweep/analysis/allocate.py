@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from sweep.config.schema import CONF_DIR
-from sweep.quant.grid import storage_bits_per_weight
+from sweep.quant.storage import storage_bits_per_weight
 from sweep.quant.layer_bits import ALLOWED_BITS, KEEP_BITS
 
 MB = 1024 * 1024

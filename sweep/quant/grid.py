@@ -71,9 +71,3 @@ def qdq_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torc
         out[:, start:start + step] = fit_grid(block, bits, sym).qdq(block)
     return out.to(weight.dtype)
 
-
-def storage_bits_per_weight(bits: int, group_size: int, in_features: int, sym: bool) -> float:
-    """Bits per weight of the packed format: codes plus an fp16 scale (and a `bits`-wide zero if asymmetric) per group."""
-    groups_per_row = 1 if group_size == -1 else -(-in_features // group_size)
-    overhead = groups_per_row * (16 + (0 if sym else bits))
-    return bits + overhead / in_features

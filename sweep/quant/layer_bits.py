@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from sweep.quant.grid import storage_bits_per_weight
+from sweep.quant.storage import storage_bits_per_weight
 
 KEEP_BITS = 16                      # "not quantized": stored as fp16 in a packed checkpoint
 ALLOWED_BITS = tuple(range(1, 9)) + (KEEP_BITS,)
