@@ -57,3 +57,5 @@ echo "call 1: carry [.whl, .devcarry/tok, .devcarry/p1]  $(( tree_mib + $(size .
 echo "call 2: carry [.whlx, .devcarry/p2]                $(( tree_mib + $(size .whlx .devcarry/p2) )) MiB  (8B-shape stages)"
 echo "call 3: carry [.whlbnb, .devcarry/p3]              $(( tree_mib + $(size .whlbnb .devcarry/p3) )) MiB  (the embedded model is whole now: compare-*, quality-*)"
 echo "call 4 and later: carry nothing, while the machine stays warm"
+echo "still to run (2026-12-03): compare-awq, compare-ar4, compare-ar8 (one call each, after call 3's model is whole),"
+echo "  8b-batch-d's batch 64 (GPTQ 8-bit), and the tensor-core kernel's tiles end to end (docs/benchmarks.md, eighth visit)"
