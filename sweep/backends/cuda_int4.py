@@ -461,7 +461,7 @@ def mma_tile_for(out_features: int, rows: int) -> Tuple[int, int, int]:
     """(m_tiles, n_tiles, warps) for `rows` input rows: n_tiles 8-row tiles of the batch (1, 2 or 4), and
     16-row weight tiles per block so that even the 4096-row shapes give every SM several blocks."""
     n_tiles = 1 if rows <= 8 else 2 if rows <= 16 else 4
-    m_tiles = 2 if out_features >= 16384 and n_tiles <= 4 else 1
+    m_tiles = 2 if out_features >= 16384 else 1
     return m_tiles, n_tiles, 4
 
 
