@@ -69,16 +69,20 @@ def main():
                 y = torch.cat([cuda_int4.mma_int4(x[i:i + r], *packed[0], GROUP, 1, n_tiles if r > 8 else 1, 4)
                                for i, r in chunks])
                 row["mma_rel_err"] = round(((y.float() - expected).abs().max() / expected.abs().max()).item(), 5)
-                best = None
+                best, timed = None, {}
                 m_options = {1: (1, 2, 4), 2: (1, 2), 4: (1, 2)}[n_tiles]
                 for m_tiles, warps in itertools.product(m_options, (2, 4, 8)):
                     def run():
                         return [[cuda_int4.mma_int4(x[i:i + r], *p, GROUP, m_tiles, n_tiles, warps) for i, r in chunks]
                                 for p in packed]
                     t = graph_time(run) / copies
+                    timed[(m_tiles, n_tiles, warps)] = t
                     if best is None or t < best[0]:
                         best = (t, (m_tiles, n_tiles, warps))
+                # the tile GemvInt4Linear picks (mma_tile_for), timed in the same sweep: what adopting the best would gain
                 default = cuda_int4.mma_tile_for(n, min(batch, 32))
+                if default in timed:
+                    row["mma_default_us"] = round(timed[default] * 1e6, 2)
                 row.update(mma_us=round(best[0] * 1e6, 2), mma_config=best[1], mma_default=default,
                            mma_TBps=round(int4_bytes * len(chunks) / best[0] / 1e12, 2),
                            mma_vs_bf16=round(t16 / best[0], 2))
