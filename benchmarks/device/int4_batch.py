@@ -23,7 +23,7 @@ from sweep.backends.tinygemm import TinyGemmInt4Linear  # noqa: E402
 from sweep.backends.triton_int4 import pack  # noqa: E402
 
 from decode_profile import emit, graph_time  # noqa: E402  (this folder is on sys.path when run as a script)
-from int4_gemv import GROUP, SHAPES, source  # noqa: E402
+from int4_gemv import GROUP, SHAPES, dequantized, source  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -43,8 +43,7 @@ def main():
         copies = 16 if n * k < 64 * 2**20 else 4
         sources = [source(n, k) for _ in range(copies)]
         packed = [pack(c, s, z, torch.bfloat16) for c, s, z in sources]
-        reference = ((sources[0][0].float() - sources[0][2].float().repeat_interleave(GROUP, 1))
-                     * packed[0][1].float().repeat_interleave(GROUP, 1))
+        reference = dequantized(*sources[0])
         tiny = None if args.no_tinygemm else [
             TinyGemmInt4Linear(c.int(), s.t().contiguous().half(), z.t().contiguous(), GROUP) for c, s, z in sources]
         weights = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(copies)]
@@ -64,10 +63,10 @@ def main():
                 row.update(gemv_rows_us=round(tg * 1e6, 2), gemv_rows_vs_bf16=round(t16 / tg, 2))
             try:
                 expected = x.float() @ reference.t()
-                n_tiles = 1 if batch <= 8 else 2 if batch <= 16 else 4
-                chunks = [(i, min(32, batch - i)) for i in range(0, batch, 32)]
-                y = torch.cat([cuda_int4.mma_int4(x[i:i + r], *packed[0], GROUP, 1, n_tiles if r > 8 else 1, 4)
+                chunks = [(i, min(cuda_int4.MMA_ROWS, batch - i)) for i in range(0, batch, cuda_int4.MMA_ROWS)]
+                y = torch.cat([cuda_int4.mma_int4(x[i:i + r], *packed[0], GROUP, *cuda_int4.mma_tile_for(n, r))
                                for i, r in chunks])
+                n_tiles = cuda_int4.mma_tile_for(n, chunks[0][1])[1]
                 row["mma_rel_err"] = round(((y.float() - expected).abs().max() / expected.abs().max()).item(), 5)
                 best, timed = None, {}
                 m_options = {1: (1, 2, 4), 2: (1, 2), 4: (1, 2)}[n_tiles]
@@ -80,7 +79,7 @@ def main():
                     if best is None or t < best[0]:
                         best = (t, (m_tiles, n_tiles, warps))
                 # the tile GemvInt4Linear picks (mma_tile_for), timed in the same sweep: what adopting the best would gain
-                default = cuda_int4.mma_tile_for(n, min(batch, 32))
+                default = cuda_int4.mma_tile_for(n, chunks[0][1])
                 if default in timed:
                     row["mma_default_us"] = round(timed[default] * 1e6, 2)
                 row.update(mma_us=round(best[0] * 1e6, 2), mma_config=best[1], mma_default=default,

@@ -34,6 +34,12 @@ def source(n, k):
             torch.rand(n, k // GROUP, device=DEVICE) * 0.01 + 1e-3, torch.randint(0, 16, (n, k // GROUP), device=DEVICE))
 
 
+def dequantized(codes, scales, zeros):
+    """The float weights the packed kernels compute from source(): (q - z) * s with s rounded to bfloat16."""
+    return ((codes.float() - zeros.float().repeat_interleave(GROUP, 1))
+            * scales.to(torch.bfloat16).float().repeat_interleave(GROUP, 1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer Triton tile configurations")
@@ -67,8 +73,7 @@ def main():
         del weights
         sources = [source(n, k) for _ in range(copies)]
         codes, scales, zeros = sources[0]
-        reference = ((codes.float() - zeros.float().repeat_interleave(GROUP, 1))
-                     * scales.to(torch.bfloat16).float().repeat_interleave(GROUP, 1))
+        reference = dequantized(codes, scales, zeros)
         expected = x.float() @ reference.t()
         del reference
         tt = float("nan")
