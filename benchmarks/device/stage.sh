@@ -147,7 +147,10 @@ case "$1" in
     # What the sixth and eighth visits did not finish (their rows: h200-2026-12-03-compare*.csv). On the eighth,
     # twelve streams at once (six of them AutoRound) finished none of the calibrated ones in 575 s, so at most
     # three streams per call now: compare-awq, then compare-ar4 and compare-ar8 (AutoRound, one call each).
-    case "$1" in compare-awq) for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
+    # compare-awq also scores fp16 and RTN 4-bit again (evaluation only, light on the GPU), so that this visit's
+    # store holds the baseline and a 4-bit anchor and the report's paired verdicts (vs_fp16, vs_best) cover its rows.
+    case "$1" in compare-awq) par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m
+        for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
     case "$1" in compare-ar4|compare-ar8) b=${1#compare-ar}
         for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $q -m; done ;; esac
     wait
