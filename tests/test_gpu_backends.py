@@ -61,6 +61,45 @@ def test_autoround_option_errors():
     assert "method.iters=-1" in message and "method.export_format='gguf'" in message
 
 
+def test_autoround_kernel_auto_never_picks_a_kernel_that_compiles_on_cuda():
+    """auto-round's own pick on CUDA is GPTQModel's Marlin: minutes of compile per machine, and a SIGSEGV at
+    the first forward on the H200 (docs/benchmarks.md, ninth visit). kernel=auto resolves before the reload."""
+    from sweep.backends.autoround_backend import kernel_for
+
+    assert kernel_for("auto", "cuda", 4, "auto_round") == "autoround_triton"
+    assert kernel_for("auto", "cuda:0", 8, "auto_gptq") == "autoround_triton"
+    assert kernel_for("auto", "cuda", 3, "auto_round") == "autoround_torch"   # auto-round's Triton runs 2/4/8
+    assert kernel_for("auto", "cpu", 4, "auto_round") == "auto"               # auto-round's pick: its torch kernel
+    assert kernel_for("auto", "cuda", 4, "auto_awq") == "auto"                # AWQ packing: its AWQ kernels
+    assert kernel_for("autoround_marlin", "cuda", 4, "auto_round") == "autoround_marlin"
+
+
+def test_autoround_kernel_errors_name_the_bits_device_and_format_allowed():
+    message = errors_of("method=autoround", "method.kernel=autoround_triton", "bits=3", "device=cpu")
+    assert "bits=3 is not allowed with method.kernel='autoround_triton'" in message and "2, 4, 8" in message
+    assert "not allowed with device=cpu" in message
+    message = errors_of("method=autoround", "method.kernel=autoround_torch", "method.export_format=auto_awq")
+    assert "loads GPTQ-packed exports" in message and "'auto_awq'" in message
+    assert "autoround_triton" in errors_of("method=autoround", "method.kernel=marlin")   # the list of kernels
+    validate(make_config("method=autoround", "method.kernel=autoround_torch", "bits=3", "device=cpu"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("auto_round") is None, reason="needs auto-round (pip install -e '.[test]')")
+def test_autoround_kernel_is_the_backend_auto_round_reloads_the_export_on(tmp_path):
+    from sweep.data import calibration
+    from sweep.infra.progress import Progress
+    from sweep.models.loading import load_model
+
+    cfg = make_config("model=smollm2-135m-4l", "method=autoround", "bits=4", "group_size=32", "method.iters=0",
+                      "method.kernel=autoround_torch", "calibration.nsamples=4", "calibration.seqlen=64")
+    model, tokenizer = load_model(cfg.model, "cpu", cfg.cache_dir)
+    method = get_method("autoround")(cfg)
+    method.attach(tokenizer, str(tmp_path))
+    report = method.quantize(model, calibration.build_samples(tokenizer, cfg.calibration), Progress("ar", enabled=False))
+    assert report.weights == "packed" and report.kernel.startswith("autoround_torch (torch.qlinear_torch"), report.kernel
+    assert report.model.config.quantization_config.backend == "torch"   # what auto-round was asked for
+
+
 def test_gptq_auto_backend_is_torch_without_cuda():
     method = get_method("gptq")(make_config("method=gptq"))
     assert method.resolved_backend("cpu") == "torch"

@@ -20,6 +20,26 @@ from sweep.quant.layers import quantizable_linears
 SEQLEN_MARGIN = 8
 PACKED_BITS = {"auto_round": (2, 3, 4, 8), "auto_gptq": (2, 3, 4, 8), "auto_awq": (4,)}
 
+# auto-round's own inference backends, chosen by `method.kernel` and passed to the reload as
+# transformers' AutoRoundConfig(backend=...): name there, bits it runs, devices. They load GPTQ-packed
+# exports (auto_round, auto_gptq); auto_awq exports keep auto-round's own choice (kernel=auto).
+AUTOROUND_KERNELS = {
+    "autoround_triton": ("triton", (2, 4, 8), ("cuda",)),
+    "autoround_torch": ("torch", (2, 3, 4, 8), ("cuda", "cpu")),
+    "autoround_marlin": ("marlin", (4, 8), ("cuda",)),
+}
+GPTQ_PACKED_FORMATS = ("auto_round", "auto_gptq")
+
+
+def kernel_for(kernel: str, device: str, bits: int, export_format: str) -> str:
+    """What `method.kernel=auto` loads the export on. On CUDA a kernel that needs no compile step:
+    auto-round's own pick there is GPTQModel's Marlin, which compiles for minutes on each new machine and
+    killed every process (SIGSEGV) at its first forward on the H200 (docs/benchmarks.md, ninth visit);
+    Triton where it runs the bits, else the torch kernel. Elsewhere (CPU) auto-round's own pick."""
+    if kernel != "auto" or not device.startswith("cuda") or export_format not in GPTQ_PACKED_FORMATS:
+        return kernel
+    return "autoround_triton" if bits in AUTOROUND_KERNELS["autoround_triton"][1] else "autoround_torch"
+
 
 def calibration_texts(tokenizer, samples: List[torch.Tensor]) -> List[str]:
     # AutoRound tokenizes its dataset itself and drops texts shorter than seqlen tokens; the
@@ -54,11 +74,28 @@ def _check_fake_export_is_quantized(reloaded, name, original) -> None:
             f"({PACKED_BITS}) or a float16 model on a GPU")
 
 
+def reload(out_dir: str, device: str, kernel: str, bits: int, fuse: bool = False):
+    """The exported checkpoint in `out_dir`, loaded for inference on `kernel` (see kernel_for)."""
+    from transformers import AutoModelForCausalLM, AutoRoundConfig
+
+    if kernel != "auto" and kernel not in AUTOROUND_KERNELS:
+        # A GPTQ-format export runs on any GPTQ kernel (method.kernel), loaded through GPTQModel.
+        from sweep.backends.gptqmodel_backend import load_packed
+
+        return load_packed(out_dir, device, kernel, fuse=fuse)
+    loading = {}
+    if kernel in AUTOROUND_KERNELS:
+        # Only the backend is taken from this config; the rest comes from the checkpoint's own.
+        loading["quantization_config"] = AutoRoundConfig(bits=bits, backend=AUTOROUND_KERNELS[kernel][0])
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16, **loading)
+    drop_single_device_hooks(reloaded)
+    return reloaded.eval()
+
+
 def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kwargs: Dict[str, Any],
                         export_format: str, kernel: str = "auto", fuse: bool = False) -> Dict[str, Any]:
     require("auto_round")
     from auto_round import AutoRound
-    from transformers import AutoModelForCausalLM
 
     packed = kwargs["bits"] in PACKED_BITS.get(export_format, ())
     fmt = export_format if packed else "fake"
@@ -74,15 +111,7 @@ def quantize_and_reload(model, tokenizer, samples, workdir: str, device: str, kw
     del rounder
     model.to("meta")
     free_accelerator_memory()
-    if packed and kernel != "auto":
-        # A GPTQ-format export runs on any GPTQ kernel (method.kernel), loaded through GPTQModel.
-        from sweep.backends.gptqmodel_backend import load_packed
-
-        reloaded = load_packed(out_dir, device, kernel, fuse=fuse)
-    else:
-        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16)
-        drop_single_device_hooks(reloaded)
-        reloaded.eval()
+    reloaded = reload(out_dir, device, kernel if packed else "auto", kwargs["bits"], fuse)
     if not packed:
         _check_fake_export_is_quantized(reloaded, probe_name, probe)
     return {"model": reloaded, "saved_dir": out_dir, "format": fmt, "packed": packed,

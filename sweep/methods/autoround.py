@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from sweep.backends import available
-from sweep.backends.autoround_backend import PACKED_BITS, SEQLEN_MARGIN, quantize_and_reload
+from sweep.backends.autoround_backend import (AUTOROUND_KERNELS, GPTQ_PACKED_FORMATS, PACKED_BITS, SEQLEN_MARGIN,
+                                              kernel_for, quantize_and_reload)
 from sweep.backends.cuda_int4 import KERNEL as GEMV
 from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size_errors
 from sweep.backends.cuda_int4 import model_shape_errors as gemv_model_shape_errors
@@ -21,7 +22,7 @@ from sweep.methods.base import PACKED, SIMULATED, QuantMethod, QuantReport
 from sweep.methods.rtn import planned_layers
 
 EXPORT_FORMATS = tuple(PACKED_BITS)
-KERNELS = ("auto",) + tuple(GPTQ_KERNEL_BITS)
+KERNELS = ("auto",) + tuple(AUTOROUND_KERNELS) + tuple(GPTQ_KERNEL_BITS)
 
 
 @dataclass
@@ -30,9 +31,10 @@ class AutoRoundOptions:
     lr: Optional[float] = None     # null: auto-round's default (1/iters)
     batch_size: int = 8
     export_format: str = "auto_round"   # auto_round | auto_gptq | auto_awq
-    # auto: the kernel transformers/auto-round pick for the export (with GPTQModel installed, Marlin:
-    # a ~4 min compile per machine). A GPTQ kernel name (auto_gptq exports): loaded through GPTQModel
-    # on that kernel, e.g. tinygemm_int4 (sweep/backends/tinygemm.py) or gptq_torch (any bits).
+    # auto: on CUDA autoround_triton (2/4/8 bits) or autoround_torch (3), kernels that need no compile
+    # step; on CPU auto-round's own pick. autoround_triton / _torch / _marlin: that auto-round backend
+    # (Marlin compiles for minutes per machine). A GPTQ kernel name (auto_gptq exports): loaded through
+    # GPTQModel on that kernel, e.g. tinygemm_int4 (sweep/backends/tinygemm.py) or gptq_torch (any bits).
     kernel: str = "auto"
     # With kernel=tinygemm_int4: q/k/v and gate/up as one int4 matmul each (see GPTQOptions).
     fuse_projections: bool = True
@@ -62,6 +64,8 @@ class AutoRoundMethod(QuantMethod):
                           f"formats are {', '.join(EXPORT_FORMATS)}")
         if options.kernel not in KERNELS:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: kernels are {', '.join(KERNELS)}")
+        elif options.kernel in AUTOROUND_KERNELS:
+            errors += cls._autoround_kernel_errors(cfg, options)
         elif options.kernel != "auto":
             kernel = options.kernel
             if options.export_format != "auto_gptq":
@@ -81,6 +85,22 @@ class AutoRoundMethod(QuantMethod):
             errors.append("method=autoround needs auto-round, which is not installed: pip install 'auto-round>=0.16'")
         return errors
 
+    @staticmethod
+    def _autoround_kernel_errors(cfg, options: AutoRoundOptions) -> List[str]:
+        kernel = options.kernel
+        _, bits, devices = AUTOROUND_KERNELS[kernel]
+        errors = []
+        if options.export_format not in GPTQ_PACKED_FORMATS:
+            errors.append(f"method.kernel={kernel!r} loads GPTQ-packed exports: method.export_format is one of "
+                          f"{', '.join(GPTQ_PACKED_FORMATS)}, not {options.export_format!r} (or method.kernel=auto)")
+        if cfg.bits not in bits:
+            errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={kernel!r}: it runs bits "
+                          f"{', '.join(map(str, bits))}")
+        if cfg.device == "cpu" and "cpu" not in devices:
+            errors.append(f"method.kernel={kernel!r} is not allowed with device=cpu: it runs on CUDA only "
+                          "(autoround_torch or kernel=auto run on CPU)")
+        return errors
+
     def quantize(self, model, calibration, progress) -> QuantReport:
         cfg, opts = self.cfg, self.options
         device = str(next(model.parameters()).device)
@@ -90,11 +110,13 @@ class AutoRoundMethod(QuantMethod):
                       batch_size=min(opts.batch_size, len(calibration)), quant_lm_head=cfg.quantize_lm_head)
         if opts.lr is not None:
             kwargs["lr"] = opts.lr
-        progress.say(f"auto-round: {len(layers)} linears, iters={opts.iters}, export {opts.export_format}")
+        kernel = kernel_for(opts.kernel, device, cfg.bits, opts.export_format)
+        progress.say(f"auto-round: {len(layers)} linears, iters={opts.iters}, export {opts.export_format}, "
+                     f"kernel {kernel}")
         out = quantize_and_reload(model, self.tokenizer, calibration, self.workdir, device, kwargs, opts.export_format,
-                                  kernel=opts.kernel, fuse=opts.fuse_projections)
+                                  kernel=kernel, fuse=opts.fuse_projections)
         report = QuantReport(backend="auto-round", weights=PACKED if out["packed"] else SIMULATED,
-                             kernel=(f"{out['format'] if opts.kernel == 'auto' else opts.kernel} "
+                             kernel=(f"{out['format'] if kernel == 'auto' else kernel} "
                                      f"({', '.join(out['kernel_classes']) or 'torch linear'})") if out["packed"] else "none",
                              layers=layers, model=out["model"], saved_dir=out["saved_dir"])
         if not out["packed"]:
