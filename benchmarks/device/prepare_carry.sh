@@ -57,5 +57,6 @@ echo "call 1: carry [.whl, .devcarry/tok, .devcarry/p1]  $(( tree_mib + $(size .
 echo "call 2: carry [.whlx, .devcarry/p2]                $(( tree_mib + $(size .whlx .devcarry/p2) )) MiB  (8B-shape stages)"
 echo "call 3: carry [.whlbnb, .devcarry/p3]              $(( tree_mib + $(size .whlbnb .devcarry/p3) )) MiB  (the embedded model is whole now: compare-*, quality-*)"
 echo "call 4 and later: carry nothing, while the machine stays warm"
-echo "still to run (2026-12-03): compare-awq, compare-ar4, compare-ar8 (one call each, after call 3's model is whole),"
-echo "  8b-batch-d's batch 64 (GPTQ 8-bit), and the tensor-core kernel's tiles end to end (docs/benchmarks.md, eighth visit)"
+echo "still to run (2026-12-03, ninth visit): compare-ar4, compare-ar8 (one call each, ~8 min, after call 3's model is whole),"
+echo "  8b-batch-d64 (GPTQ 8-bit at batch 64: give it >= 300 s), and the tensor-core kernel's tiles end to end"
+echo "  (docs/benchmarks.md, eighth and ninth visits). A fresh machine took ~270 s to start on the ninth visit."

@@ -151,11 +151,20 @@ case "$1" in
     # store holds the baseline and a 4-bit anchor and the report's paired verdicts (vs_fp16, vs_best) cover its rows.
     case "$1" in compare-awq) par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m
         for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
-    case "$1" in compare-ar4|compare-ar8) b=${1#compare-ar}
-        for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $q -m; done ;; esac
+    # AutoRound's default reload (method.kernel=auto: auto-round's Triton kernel on CUDA since the ninth visit,
+    # whose three streams died of SIGSEGV on auto-round's own pick, Marlin) is first tried in its RTN mode on
+    # quick eval; if that fails, the streams reload through GPTQModel on kernels measured before instead.
+    case "$1" in compare-ar4|compare-ar8) b=${1#compare-ar}; ark=""
+        if ! python3 -m sweep "$ART" method=autoround bits=$b group_size=64 method.iters=0 eval=quick bench=none \
+             baseline=false > "$STATE/ar$b-smoke.log" 2>&1; then
+          ark="method.export_format=auto_gptq method.kernel=$([ "$b" = 4 ] && echo tinygemm_int4 || echo gptq_torch)"
+          echo "AutoRound's default reload failed (log: ar$b-smoke.log); the streams use $ark"; fi
+        for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $ark $q -m; done ;; esac
     wait
-    grep -hE "finished in|FAILED" $STATE/*.log | cut -c1-200; mkdir -p "$OUT/compare-logs"; for f in $STATE/*.log; do tail -c 20000 "$f" > "$OUT/compare-logs/$(basename $f)"; done
-    python3 -m sweep.report --all --no-log --out "$OUT/report-compare" | tail -40 ;;
+    grep -hE "finished in|FAILED" $STATE/*.log | cut -c1-200; mkdir -p "$STATE/compare-logs"; for f in $STATE/*.log; do tail -c 20000 "$f" > "$STATE/compare-logs/$(basename $f)"; done
+    python3 -m sweep.report --all --no-log --out "$STATE/report-compare" | tail -40
+    # One archive: a call brings back only a few files from $OUT (the ninth visit's report and logs were left out).
+    tar czf "$OUT/$1.tgz" -C "$STATE" compare-logs report-compare ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac
 # (the command that calls this exports the store afterwards, also when a stage ran out of time)
