@@ -8,6 +8,7 @@ lm-eval run the packed weights. Bits without a packed kernel are exported in aut
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -87,7 +88,10 @@ def reload(out_dir: str, device: str, kernel: str, bits: int, fuse: bool = False
     if kernel in AUTOROUND_KERNELS:
         # Only the backend is taken from this config; the rest comes from the checkpoint's own.
         loading["quantization_config"] = AutoRoundConfig(bits=bits, backend=AUTOROUND_KERNELS[kernel][0])
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16, **loading)
+    with warnings.catch_warnings():
+        # transformers warns that the checkpoint's own config wins except for the backend: what is meant here.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, device_map=device, dtype=torch.float16, **loading)
     drop_single_device_hooks(reloaded)
     return reloaded.eval()
 
