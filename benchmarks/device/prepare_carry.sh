@@ -11,6 +11,7 @@
 #   .whl            sweep's own needs on the machine: hydra, omegaconf, mlflow-skinny, lm-eval, gptqmodel (~25 MiB)
 #   .whlx           what lm-eval's datasets and the embedded model's GGUF conversion import: multiprocess, tzdata, gguf
 #   .whlbnb         bitsandbytes and auto-round (~45 MiB)
+#   .whlq           hqq, optimum-quanto, aqlm (issue 21's methods; under 1 MiB once deduplicated)
 #   .devcarry/tok   the tokenizer and config, enough for the random-weight 8B / 1B shapes
 #   .devcarry/p1-3  the embedded model's wheel (89 MiB, over one call's limit) in three chunks
 set -euo pipefail
@@ -41,6 +42,15 @@ if [ -z "$(ls .whlbnb)" ]; then
   done
 fi
 
+mkdir -p .whlq
+if [ -z "$(ls .whlq)" ]; then
+  python3 "$HOUSE" -d .whlq hqq==0.2.8.post1 optimum-quanto==0.2.7 aqlm==1.1.7
+  for w in .whlq/*.whl; do
+    project=$(basename "$w" | cut -d- -f1)
+    if compgen -G ".whl/$project-*" >/dev/null || compgen -G ".whlx/$project-*" >/dev/null; then rm "$w"; fi
+  done
+fi
+
 mkdir -p .devcarry/tok .devcarry/p1 .devcarry/p2 .devcarry/p3
 cp "$MODEL_DIR"/{config.json,tokenizer.json,tokenizer_config.json} .devcarry/tok/
 # Chunk sizes chosen so that each call's carry fits beside the folders the plan below sends with it.
@@ -54,9 +64,10 @@ tree_mib=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1048576 
 size() { du -cm "$@" | tail -1 | cut -f1; }
 echo "tracked tree: ${tree_mib} MiB; each call below must stay under 64 MiB with it"
 echo "call 1: carry [.whl, .devcarry/tok, .devcarry/p1]  $(( tree_mib + $(size .whl .devcarry/tok .devcarry/p1) )) MiB  (8B-shape stages)"
-echo "call 2: carry [.whlx, .devcarry/p2]                $(( tree_mib + $(size .whlx .devcarry/p2) )) MiB  (8B-shape stages)"
+echo "call 2: carry [.whlx, .whlq, .devcarry/p2]         $(( tree_mib + $(size .whlx .whlq .devcarry/p2) )) MiB  (8B-shape stages; 8b-new from here)"
 echo "call 3: carry [.whlbnb, .devcarry/p3]              $(( tree_mib + $(size .whlbnb .devcarry/p3) )) MiB  (the embedded model is whole now: compare-*, quality-*)"
 echo "call 4 and later: carry nothing, while the machine stays warm"
 echo "still to run (2026-12-03, ninth visit): compare-ar4, compare-ar8 (one call each, ~8 min, after call 3's model is whole),"
 echo "  8b-batch-d64 (GPTQ 8-bit at batch 64: give it >= 300 s), and the tensor-core kernel's tiles end to end"
-echo "  (docs/benchmarks.md, eighth and ninth visits). A fresh machine took ~270 s to start on the ninth visit."
+echo "  (docs/benchmarks.md, eighth and ninth visits); issue 21: 8b-new (from call 2), compare-new (after call 3), neither run yet."
+echo "  A fresh machine took ~270 s to start on the ninth visit."

