@@ -164,12 +164,15 @@ case "$1" in
     # AutoRound's default reload (method.kernel=auto: auto-round's Triton kernel on CUDA since the ninth visit,
     # whose three streams died of SIGSEGV on auto-round's own pick, Marlin) is first tried in its RTN mode on
     # quick eval; if that fails, the streams reload through GPTQModel on kernels measured before instead.
-    case "$1" in compare-ar4|compare-ar8) b=${1#compare-ar}; ark=""
-        if ! python3 -m sweep "$ART" method=autoround bits=$b group_size=64 method.iters=0 eval=quick bench=none \
-             baseline=false > "$STATE/ar$b-smoke.log" 2>&1; then
-          ark="method.export_format=auto_gptq method.kernel=$([ "$b" = 4 ] && echo tinygemm_int4 || echo gptq_torch)"
-          echo "AutoRound's default reload failed (log: ar$b-smoke.log); the streams use $ark"; fi
-        for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $ark $q -m; done ;; esac
+    # compare-ar runs both widths at once (six streams): without Marlin's compile one AutoRound stream should take
+    # ~3 min of tuning (ninth visit, three streams) plus its evaluation.
+    case "$1" in compare-ar4|compare-ar8|compare-ar) widths=${1#compare-ar}; widths=${widths:-4 8}; fallback=""
+        if ! python3 -m sweep "$ART" method=autoround bits=${widths%% *} group_size=64 method.iters=0 eval=quick bench=none \
+             baseline=false > "$STATE/ar-smoke.log" 2>&1; then
+          fallback=yes; echo "AutoRound's default reload failed (log: ar-smoke.log); the streams use GPTQ exports"; fi
+        for b in $widths; do ark=""
+          [ -n "$fallback" ] && ark="method.export_format=auto_gptq method.kernel=$([ "$b" = 4 ] && echo tinygemm_int4 || echo gptq_torch)"
+          for s in 0 1 2; do par ar$b-$s method=autoround bits=$b seed=$s $ark $q -m; done; done ;; esac
     wait
     grep -hE "finished in|FAILED" $STATE/*.log | cut -c1-200; mkdir -p "$STATE/compare-logs"; for f in $STATE/*.log; do tail -c 20000 "$f" > "$STATE/compare-logs/$(basename $f)"; done
     python3 -m sweep.report --all --no-log --out "$STATE/report-compare" | tail -40
