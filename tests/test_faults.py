@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, make_config
+from sweep.analysis.table import build_table
 
 EXPERIMENT = "smollm2-135m-4l"
 SMALL = ["model=smollm2-135m-4l", "method=rtn", "eval=none", "bench=none", "baseline=false"]
@@ -59,6 +60,9 @@ def test_killed_sweep_leaves_a_consistent_store_and_resumes(tmp_path, embedded_m
     _, runs = _store(tmp_path)
     assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]  # the parent and point 1
     killed_by_sigkill = next(r.info.run_id for r in runs if r.data.tags["sweep.role"] == "point")
+    # The report, read on this host, counts it as killed already: its process is gone.
+    table = build_table([r for r in runs if r.info.run_id == killed_by_sigkill])
+    assert table["status"].tolist() == ["KILLED"]
 
     # 2. Relaunch; point 1 finishes, then SIGTERM (what schedulers send) arrives during point 2.
     term = _start_and_signal(cmd, signal.SIGTERM, "[2/2]")

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
+from sweep.tracking.orphans import owner_gone
 from sweep.tracking.tracker import TAG_BASELINE_HASH, TAG_CONFIG_GROUP, TAG_CONFIG_HASH, TAG_SEEDED, TAG_SWEEP_ID, Tracker
 
 # column → (source, key): where each column comes from in an MLflow run.
@@ -99,6 +100,10 @@ def build_table(runs: Sequence, baseline=None, sweep_id: Optional[str] = None) -
         row["config_hash"] = run.data.tags.get(TAG_CONFIG_HASH)
         row["run_id"] = run.info.run_id
         row["reused"] = sweep_id is not None and run.data.tags.get(TAG_SWEEP_ID) != sweep_id
+        if row["status"] == "RUNNING" and owner_gone(run.data.tags):
+            # Killed outright (SIGKILL, a segfault): the store says RUNNING until a relaunch closes it, but its
+            # process on this host is gone, so it is read as what it is.
+            row["status"] = "KILLED"
         rows.append(row)
     columns = list(COLUMNS) + list(DELTAS) + TRAILING
     if not rows:

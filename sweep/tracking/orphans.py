@@ -22,7 +22,8 @@ def owner_tags() -> Dict[str, Any]:
     return {TAG_HOST: socket.gethostname(), TAG_PID: os.getpid()}
 
 
-def _owner_gone(tags: Dict[str, str]) -> bool:
+def owner_gone(tags: Dict[str, str]) -> bool:
+    """Whether the run with these tags was owned by a process on this host that has ended."""
     if tags.get(TAG_HOST) != socket.gethostname():
         return False
     try:
@@ -39,7 +40,7 @@ def close_orphans(tracker, filter_string: str) -> List[str]:
                                       max_results=1000)
     closed = []
     for run in runs:
-        if not _owner_gone(run.data.tags):
+        if not owner_gone(run.data.tags):
             continue
         tracker.set_tags(run.info.run_id, {
             "error.class": "ProcessGone",
