@@ -156,10 +156,11 @@ case "$1" in
     # store holds the baseline and a 4-bit anchor and the report's paired verdicts (vs_fp16, vs_best) cover its rows.
     # compare-new: issue 21's methods on the GPU (wheels: .whlq): HQQ 2/3/4/8, quanto int 2/4/8 and float8, AQLM 2-bit,
     # beside an fp16 and an RTN 4-bit run in the same store (for the report's paired verdicts).
-    case "$1" in compare-new) par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m
+    anchors() { par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m; }
+    case "$1" in compare-new) anchors
         par hqq method=hqq bits=2,3,4,8 $q -m; par quanto method=quanto bits=2,4,8 $q -m
         par quanto-f8 method=quanto method.weights=float8 bits=8 $q -m; par aqlm method=aqlm bits=2 $q -m ;; esac
-    case "$1" in compare-awq) par fp16 method=fp16 $q -m; par rtn4 method=rtn bits=4 $q -m
+    case "$1" in compare-awq) anchors
         for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
     # AutoRound's default reload (method.kernel=auto: auto-round's Triton kernel on CUDA since the ninth visit,
     # whose three streams died of SIGSEGV on auto-round's own pick, Marlin) is first tried in its RTN mode on

@@ -25,6 +25,12 @@ EXPORT_FORMATS = tuple(PACKED_BITS)
 KERNELS = ("auto",) + tuple(AUTOROUND_KERNELS) + tuple(GPTQ_KERNEL_BITS)
 
 
+def _kernel_bits_errors(bits: int, kernel: str, allowed) -> List[str]:
+    if bits in allowed:
+        return []
+    return [f"bits={bits!r} is not allowed with method.kernel={kernel!r}: it runs bits {', '.join(map(str, allowed))}"]
+
+
 @dataclass
 class AutoRoundOptions:
     iters: int = 200               # tuning steps per block; 0 = auto-round's RTN mode
@@ -71,9 +77,7 @@ class AutoRoundMethod(QuantMethod):
             if options.export_format != "auto_gptq":
                 errors.append(f"method.kernel={kernel!r} needs method.export_format='auto_gptq', "
                               f"not {options.export_format!r}")
-            if cfg.bits not in GPTQ_KERNEL_BITS[kernel]:
-                errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={kernel!r}: it runs bits "
-                              f"{', '.join(map(str, GPTQ_KERNEL_BITS[kernel]))}")
+            errors += _kernel_bits_errors(cfg.bits, kernel, GPTQ_KERNEL_BITS[kernel])
             if kernel == TINYGEMM:
                 errors += tinygemm_group_size_errors(cfg.group_size)
             if kernel == GEMV:
@@ -93,9 +97,7 @@ class AutoRoundMethod(QuantMethod):
         if options.export_format not in GPTQ_PACKED_FORMATS:
             errors.append(f"method.kernel={kernel!r} loads GPTQ-packed exports: method.export_format is one of "
                           f"{', '.join(GPTQ_PACKED_FORMATS)}, not {options.export_format!r} (or method.kernel=auto)")
-        if cfg.bits not in bits:
-            errors.append(f"bits={cfg.bits!r} is not allowed with method.kernel={kernel!r}: it runs bits "
-                          f"{', '.join(map(str, bits))}")
+        errors += _kernel_bits_errors(cfg.bits, kernel, bits)
         if cfg.device == "cpu" and "cpu" not in devices:
             errors.append(f"method.kernel={kernel!r} is not allowed with device=cpu: it runs on CUDA only "
                           "(autoround_torch or kernel=auto run on CPU)")
