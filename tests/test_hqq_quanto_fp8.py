@@ -4,7 +4,7 @@ On CPU: every capability check before a model loads; real quantization of the 4-
 module types, measured bits per weight, the saved checkpoint reloaded to the same logits, fidelity to
 the unquantized model falling with the bits); on the full embedded model, token perplexity on a
 WikiText-2 probe against RTN at the same bits; one CLI sweep read back by the report. The FP8 tensor-core
-path, hqq's int4 kernel and quanto's float8 weights need a CUDA GPU and skip, saying so, elsewhere.
+path, hqq's int4 kernel on CUDA and quanto's float8 weights need a CUDA GPU and skip, saying so, elsewhere.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_the_issue_grid_validates():
     (["method=hqq", "bits=7"], "bits=7 is not allowed for method hqq: it supports 1, 2, 3, 4, 5, 6, 8"),
     (["method=hqq", "group_size=12"], "group_size=12 is not allowed for method hqq: -1 (one group per row) or a multiple of 8"),
     (["method=hqq", "method.axis=2"], "method.axis=2"),
-    (["method=hqq", "method.kernel=torchao_int4", "device=cpu"], "method.kernel='torchao_int4' is not allowed without CUDA"),
+    (["method=hqq", "method.kernel=tinygemm_int4", "bits=3"], "method.kernel='tinygemm_int4' needs bits=4, method.axis=1"),
+    (["method=hqq", "method.kernel=tinygemm_int4", "bits=4", "group_size=48"], "group_size one of 32, 64, 128, 256"),
     (["method=hqq", "+method.layer_bits={mlp.down_proj:7}"], "bits=7 is not allowed for method hqq"),
     (["method=quanto", "bits=3"], "bits=3 is not allowed for method quanto: it supports 2, 4, 8"),
     (["method=quanto", "bits=8", "method.weights=float8", "device=cpu"], "quanto's float8 weights are offered on CUDA"),
@@ -138,6 +139,22 @@ def test_packed_4bit_modules_sizes_and_reload(small, tmp_path, method, load_modu
         logits = model(small[2]).logits
     load_into = importlib.import_module(load_module).load_into
     assert torch.equal(reloaded_logits(small, report.saved_dir, load_into), logits)
+
+
+def test_hqq_on_tinygemm_computes_what_hqq_computes(small, tmp_path):
+    """hqq's codes, scales and zeros repacked for torch's int4 matmul (its CPU layout here, the CUDA one on a
+    GPU): the same logits as hqq's own dequantize-then-matmul, up to tinygemm's bfloat16 scales."""
+    reference, _ = quantized(small, tmp_path / "pytorch", "method=hqq", "bits=4", "group_size=64")
+    model, report = quantized(small, tmp_path / "tinygemm", "method=hqq", "bits=4", "group_size=64",
+                              "method.kernel=tinygemm_int4")
+    targets = quantizable_linears(small[0])
+    assert report.kernel.startswith("tinygemm_int4") and f"({len(targets)} layers)" in report.kernel
+    assert {type(model.get_submodule(name)).__name__ for name in targets} == {"TinyGemmInt4Linear"}
+    with torch.no_grad():
+        expected, got = reference(small[2]).logits.float(), model(small[2]).logits.float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    # A mismatch in the repacking (a zero point read off by one) would move every logit.
+    assert kl_from_reference(model, small) == pytest.approx(kl_from_reference(reference, small), rel=0.1)
 
 
 @pytest.mark.parametrize("method, bit_widths", [("hqq", (2, 3, 4, 8)), ("quanto", (2, 4, 8))])
@@ -241,13 +258,13 @@ def test_fp8_method_packs_on_the_gpu(embedded_model_dir):
     assert all(isinstance(model.get_submodule(n), Fp8DynamicLinear) for n in report.layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): hqq's torchao_int4 kernel")
-def test_hqq_torchao_int4_on_the_gpu(embedded_model_dir, tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): hqq on tinygemm's CUDA layout")
+def test_hqq_tinygemm_int4_on_the_gpu(embedded_model_dir, tmp_path):
     cfg = make_config("model=smollm2-135m-4l", "method=hqq", "bits=4", "group_size=64", "model.dtype=bfloat16")
     model, tokenizer = load_model(cfg.model, "cuda", cfg.cache_dir)
     method = get_method("hqq")(cfg)
     method.attach(tokenizer, str(tmp_path))
     report = method.quantize(model, None, Progress("hqq", enabled=False))
-    assert "torchao_int4" in report.kernel
+    assert "tinygemm_int4" in report.kernel
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device="cuda")
     assert torch.isfinite(model(tokens).logits).all()

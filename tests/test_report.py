@@ -82,6 +82,22 @@ def test_runs_that_differ_only_in_seed_are_one_configuration_with_their_spread()
     assert table[table["config_group"] == "rtn4"].iloc[0]["vs_best"].startswith("untested")
 
 
+def test_configurations_with_the_same_method_bits_and_group_are_told_apart_by_their_settings():
+    """The H200's store had quanto int8 and float8 weights, and AutoRound tuned and in RTN mode, as pairs of rows that
+    read the same (`quanto 8b g64`): each label now names the settings in which its configuration differs."""
+    df = _runs(ROWS + [("quanto", "packed", 8, 64, 0, 34.0, 155.0, 20.0, "q-int"),
+                       ("quanto", "packed", 8, 64, 0, 34.5, 155.0, 20.0, "q-f8")])
+    df.loc[df["config_group"] == "q-int", "settings"] = "method.optimizer=auto; method.weights=int"
+    df.loc[df["config_group"] == "q-f8", "settings"] = "method.optimizer=auto; method.weights=float8"
+    df.loc[df["config_group"] == "gptq4", "settings"] = "eval.limit.wikitext=2; method.damp_percent=0.01"
+    table = configs.build_configurations(df, items={}).set_index("config_group")
+    assert table.loc["q-int", "config"] == "quanto 8b g64 weights=int"
+    assert table.loc["q-f8", "config"] == "quanto 8b g64 weights=float8"
+    # A label no other configuration shares stays short.
+    assert table.loc["gptq4", "config"] == "gptq 4b g128" and table.loc["rtn4", "config"] == "rtn 4b g128"
+    assert table["config"].is_unique
+
+
 def test_configurations_whose_runs_all_failed_are_listed_with_no_runs():
     """A grid point that failed on every seed has an empty seed list; the text table still lists it. (On the GPU
     machine's pandas the old column arithmetic, string + per-row suffix, raised for a store where every run had

@@ -74,11 +74,13 @@ case "$1" in
     sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=1,4,16,64 baseline=false -m ;;
   8b-batch-d64) # its batch-64 point alone (the seventh visit's call ended before it)
     sweep $big model.dtype=bfloat16 method=gptq bits=8 group_size=128 calibration.nsamples=8 calibration.seqlen=512 bench.mode=graph bench.repeats=1 bench.batch_size=64 baseline=false ;;
-  8b-new)    # issue 21: batch-1 graph decode of the 8B shape on the newer methods' packed kernels (wheels: .whlq):
-    # HQQ 4-bit g64 (kernel=auto: torch's int4 tinygemm through torchao where a layer fits), quanto int4 g128, quanto float8
+  8b-new)    # issue 21: batch-1 decode of the 8B shape on the newer methods' packed kernels (wheels: .whlq):
+    # HQQ 4-bit g64 on tinygemm_int4 (kernel=auto in bfloat16), graph loop; quanto int4 g128 and float8 in every
+    # mode (bench.mode=all), since dynamo could not trace quanto's tensors on the tenth visit: eager is timed and
+    # each compiled mode's failure is kept in a latency.<mode>.error tag instead of failing the run
     sweep $big model.dtype=bfloat16 method=hqq bits=4 group_size=64 bench.mode=graph bench.repeats=1 baseline=false
-    sweep $big model.dtype=bfloat16 method=quanto bits=4 group_size=128 bench.mode=graph bench.repeats=1 baseline=false
-    sweep $big model.dtype=bfloat16 method=quanto method.weights=float8 bits=8 bench.mode=graph bench.repeats=1 baseline=false ;;
+    sweep $big model.dtype=bfloat16 method=quanto bits=4 group_size=128 bench.mode=all bench.repeats=1 baseline=false
+    sweep $big model.dtype=bfloat16 method=quanto method.weights=float8 bits=8 bench.mode=all bench.repeats=1 baseline=false ;;
   8b-gemv-head) # GPTQ 4-bit on gemv_int4 with the head quantized by the project's GPTQ and packed for the kernel
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 quantize_lm_head=true calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused

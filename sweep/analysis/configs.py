@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from sweep.analysis.significance import ALPHA, Pooled, compare, estimate, pool
-from sweep.analysis.table import WEIGHTS_NOTE
+from sweep.analysis.table import WEIGHTS_NOTE, parse_settings
 from sweep.measure.uncertainty import METRICS, MIN_ITEMS
 
 # Report column → run metric, for the metrics that get mean/std/min/max/interval per configuration.
@@ -55,6 +55,23 @@ def _label(first: pd.Series, calibrations: int) -> str:
     if calibrations > 1 and first.get("calibration") not in (None, "none") and not pd.isna(first.get("calibration")):
         label += f" {first['calibration']}×{int(float(first['calibration_tokens']))}"
     return label
+
+
+def _tell_apart(df: pd.DataFrame) -> None:
+    """Configurations that share a label get the settings in which they differ appended to it
+    (`quanto 8b g64 weights=float8` beside `weights=int`), so no two rows of a table read the same."""
+    for label, part in df.groupby("config"):
+        if len(part) < 2:
+            continue
+        settings = {i: parse_settings(text) for i, text in part["_settings"].items()}
+        keys = sorted({k for s in settings.values() for k in s})
+        differing = [k for k in keys if len({s.get(k) for s in settings.values()}) > 1]
+        for i, s in settings.items():
+            # A missing eval.limit is no limit (every item); a missing method param, one that method lacks.
+            extra = " ".join(f"{k.removeprefix('method.')}={s.get(k, 'all' if k.startswith('eval.') else '-')}"
+                             for k in differing)
+            if extra:
+                df.loc[i, "config"] = f"{label} {extra}"
 
 
 def build_configurations(runs: pd.DataFrame, items: Dict[str, Optional[dict]]) -> pd.DataFrame:
@@ -100,8 +117,10 @@ def build_configurations(runs: pd.DataFrame, items: Dict[str, Optional[dict]]) -
         for col in COSTS:
             values = pd.to_numeric(finished[col], errors="coerce").dropna() if col in finished else pd.Series([])
             row[col] = float(values.mean()) if len(values) else math.nan
+        row["_settings"] = first.get("settings")
         rows.append(row)
     df = pd.DataFrame(rows)
+    _tell_apart(df)
     df[["bits", "group_size"]] = df[["bits", "group_size"]].apply(pd.to_numeric, errors="coerce").astype("Int64")
     # Random-weight models measure memory and speed only: their quality numbers are noise.
     quality_cols = [c for col in QUALITY for c in (col, *(f"{col}_{s}" for s in STATS))]

@@ -74,7 +74,10 @@ DELTAS = {  # delta column → (column, baseline column)
     "delta_lambada_acc": "lambada_acc",
     "delta_weight_mb": "weight_mb",
 }
-TRAILING = ["config_hash", "run_id", "reused"]
+TRAILING = ["config_hash", "run_id", "reused", "settings"]
+# Params that tell apart two configurations with the same method, bits and group size (quanto int8 vs float8
+# weights, AutoRound tuned vs RTN mode, a quick vs a full evaluation): the configuration labels name them.
+SETTINGS_PREFIXES = ("method.", "eval.limit.")
 # Settings that must match for a baseline from outside the sweep to be comparable.
 BASELINE_MATCH = ["model.path", "model.num_layers", "model.dtype", "eval.limit.wikitext", "eval.limit.lambada",
                   "eval.max_length", "device"]
@@ -100,6 +103,7 @@ def build_table(runs: Sequence, baseline=None, sweep_id: Optional[str] = None) -
         row["config_hash"] = run.data.tags.get(TAG_CONFIG_HASH)
         row["run_id"] = run.info.run_id
         row["reused"] = sweep_id is not None and run.data.tags.get(TAG_SWEEP_ID) != sweep_id
+        row["settings"] = settings_text(run.data.params)
         if row["status"] == "RUNNING" and owner_gone(run.data.tags):
             # Killed outright (SIGKILL, a segfault): the store says RUNNING until a relaunch closes it, but its
             # process on this host is gone, so it is read as what it is.
@@ -125,6 +129,18 @@ def build_table(runs: Sequence, baseline=None, sweep_id: Optional[str] = None) -
         df[delta] = df[col] - base[col] if base is not None else math.nan
     df = df.sort_values(SORT, na_position="first", kind="stable").reset_index(drop=True)
     return df[columns]
+
+
+def settings_text(params: Dict[str, str]) -> str:
+    """The run's method and evaluation-limit params as `key=value; ...`, sorted (method.name left out)."""
+    return "; ".join(f"{k}={v}" for k, v in sorted(params.items())
+                     if k.startswith(SETTINGS_PREFIXES) and k != "method.name")
+
+
+def parse_settings(text) -> Dict[str, str]:
+    if not isinstance(text, str) or not text:
+        return {}
+    return dict(item.split("=", 1) for item in text.split("; "))
 
 
 def baseline_row(df: pd.DataFrame, baseline=None) -> Optional[pd.Series]:

@@ -8,9 +8,11 @@ a row's input columns, a group crossing into the next row where group_size does 
 in_features; axis=0: down the output channels), so any group size that divides a layer's number of
 weights works.
 
-On CUDA, `kernel=torchao_int4` moves 4-bit axis=1 layers onto torch's int4 tinygemm matmul
-(`aten._weight_int4pack_mm`) through hqq's own patch (hqq.backends.torchao): bfloat16 only, groups of
-32/64/128/256 dividing in_features. Written against hqq 0.2.8 and not yet run on a GPU here.
+`kernel=tinygemm_int4` moves 4-bit axis=1 layers onto torch's int4 matmul (`aten._weight_int4pack_mm`,
+the same TinyGemmInt4Linear GPTQ's kernel of that name uses): groups of 32/64/128/256 dividing in_features.
+The conversion is the project's own, not hqq's patch (hqq.backends.torchao): hqq 0.2.8 reads torch's
+version as its first three characters, so on torch 2.10+ ("2.1") it passes int32 codes where the op
+now takes uint8 pairs and fails ("Expected in.dtype() == at::kByte", H200, tenth visit).
 """
 from __future__ import annotations
 
@@ -22,15 +24,17 @@ import torch
 from torch import nn
 
 from sweep.backends.checkpoint import load_quantized_state, read_manifest, save_quantized_state
+from sweep.backends.tinygemm import GROUP_SIZES, TinyGemmError, TinyGemmInt4Linear
+from sweep.backends.tinygemm import KERNEL as TINYGEMM
 
 HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)   # hqq's Quantizer.SUPPORTED_BITS, less its ternary 1.58
 GROUP_MULTIPLE = 8                 # hqq's quant config asserts group_size % 8 == 0
 AXES = (0, 1)
-TORCHAO_INT4 = "torchao_int4"
-TORCHAO_GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_INT4 = TINYGEMM
+TINYGEMM_GROUP_SIZES = GROUP_SIZES
 KERNELS = {
     "pytorch": "hqq pytorch: bit-unpack + dequantize per call, then torch.matmul",
-    TORCHAO_INT4: "hqq torchao_int4: aten._weight_int4pack_mm (tinygemm)",
+    TINYGEMM_INT4: "tinygemm_int4: aten._weight_int4pack_mm (hqq codes, scales and zeros repacked)",
 }
 MANIFEST = "hqq_layers.json"
 
@@ -84,26 +88,50 @@ def storage_bits(module: nn.Module) -> float:
     return (code_bytes + meta_bytes(module)) * 8 / weights
 
 
-def torchao_int4_errors(bits: int, group_size: int, axis: int, dtype: torch.dtype, in_features: int) -> List[str]:
-    """Why a layer cannot run on hqq's torchao_int4 kernel (empty: it can)."""
+def tinygemm_int4_errors(bits: int, group_size: int, axis: int, in_features: int) -> List[str]:
+    """Why a layer cannot run on tinygemm_int4 (empty: it can)."""
     errors = []
     if bits != 4:
         errors.append(f"bits {bits} (4 only)")
     if axis != 1:
         errors.append(f"axis {axis} (1 only)")
-    if dtype != torch.bfloat16:
-        errors.append(f"dtype {dtype} (bfloat16 only)")
-    if group_size not in TORCHAO_GROUP_SIZES or in_features % group_size:
-        errors.append(f"group_size {group_size} (one of {', '.join(map(str, TORCHAO_GROUP_SIZES))} dividing "
+    if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size:
+        errors.append(f"group_size {group_size} (one of {', '.join(map(str, TINYGEMM_GROUP_SIZES))} dividing "
                       f"in_features {in_features})")
     return errors
 
 
-def to_torchao_int4(module: nn.Module) -> nn.Module:
-    """The same quantized layer on torch's int4 tinygemm kernel (hqq's own conversion, CUDA only)."""
-    from hqq.backends.torchao import patch_hqq_to_aoint4
+def to_tinygemm_int4(module: nn.Module, check: bool = False) -> TinyGemmInt4Linear:
+    """The same quantized layer on torch's int4 matmul: hqq's codes, scales and zeros as they are.
 
-    return patch_hqq_to_aoint4(module, None)
+    hqq dequantizes w = (code - zero) * scale with a float zero per group; tinygemm's
+    (code - 8) * scale + offset is the same with offset = (8 - zero) * scale (TinyGemmInt4Linear
+    computes it). `check`: compare the result with hqq's own dequantization, as GPTQ's conversion does
+    for its first layer (an identity matmul: too slow to repeat for every layer of a large model)."""
+    from hqq.core.quantize import Quantizer
+
+    meta = module.meta
+    out_features, in_features = meta["shape"]
+    problems = tinygemm_int4_errors(meta["nbits"], meta["group_size"] or in_features, meta["axis"], in_features)
+    if meta.get("quant_scale") or meta.get("quant_zero"):
+        problems.append("quantized scales or zeros")
+    if problems:
+        raise TinyGemmError(f"{TINYGEMM_INT4} cannot run this hqq layer: {', '.join(problems)}")
+    groups = in_features // meta["group_size"]
+    codes = Quantizer.unpack[meta["packing"]](module.W_q)[:out_features * groups].reshape(out_features, in_features)
+    scales = meta["scale"].reshape(out_features, groups).t()
+    zeros = meta["zero"].reshape(out_features, groups).t()
+    fast = TinyGemmInt4Linear(codes, scales, zeros, meta["group_size"], bias=module.bias)
+    if not check:
+        return fast
+    expected = module.dequantize().float()
+    # bfloat16 scales and offsets: about 3 significant digits of each group's scale.
+    error = (fast.dequantized_weight().float() - expected).abs().max().item()
+    tolerance = 2e-2 * expected.abs().max().item() + 1e-6
+    if error > tolerance:
+        raise TinyGemmError(f"{TINYGEMM_INT4}: the repacked hqq layer does not reproduce hqq's weights (max error "
+                            f"{error:.3g} > {tolerance:.3g})")
+    return fast
 
 
 def save(model: nn.Module, directory: str, layers: Dict[str, nn.Module]) -> str:

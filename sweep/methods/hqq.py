@@ -5,8 +5,8 @@ of the weight error, robust to the outliers min/max rounding is hostage to. Alwa
 float zero per group; `sym` does not apply). bits 1-6 and 8 (hqq has no 7-bit layout).
 
 The quantized layers are hqq's HQQLinear modules holding bit-packed codes (`weights=packed`),
-dequantized on each call by hqq's PyTorch backend on CPU and GPU, or on CUDA moved onto torch's int4
-tinygemm kernel where they fit (`method.kernel`, sweep/backends/hqq_backend.py). The packed
+dequantized on each call by hqq's PyTorch backend on CPU and GPU, or moved onto torch's int4
+tinygemm kernel (on CUDA by default, in bfloat16, where a layer fits) (`method.kernel`, sweep/backends/hqq_backend.py). The packed
 checkpoint is saved (size on disk) and can be loaded back with hqq_backend.load_into.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import List
 import torch
 
 from sweep.backends import available, install_hint
-from sweep.backends.hqq_backend import (AXES, GROUP_MULTIPLE, HQQ_BITS, KERNELS, TORCHAO_GROUP_SIZES, TORCHAO_INT4,
+from sweep.backends.hqq_backend import (AXES, GROUP_MULTIPLE, HQQ_BITS, KERNELS, TINYGEMM_GROUP_SIZES, TINYGEMM_INT4,
                                         group_errors, meta_bytes, optimizer_settings, quant_config, quantize_linear,
-                                        save, storage_bits, to_torchao_int4, torchao_int4_errors)
+                                        save, storage_bits, tinygemm_int4_errors, to_tinygemm_int4)
 from sweep.backends.checkpoint import scratch_dir
 from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
@@ -39,7 +39,8 @@ class HQQOptions(MixedPrecisionOptions):
     beta: float = 10.0         # its initial penalty
     kappa: float = 1.01        # the penalty's growth per iteration
     iters: int = 20            # its iterations (it stops early once the error grows)
-    kernel: str = "auto"       # auto (torchao_int4 on CUDA where a layer fits, else pytorch) | pytorch | torchao_int4
+    # auto: tinygemm_int4 on CUDA for bfloat16 models where a layer fits (its scales are bfloat16), else pytorch
+    kernel: str = "auto"       # auto | pytorch | tinygemm_int4
 
 
 class HQQ(QuantMethod):
@@ -72,14 +73,11 @@ class HQQ(QuantMethod):
                           "and kappa >= 1")
         if options.kernel not in KERNEL_CHOICES:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: {', '.join(KERNEL_CHOICES)}")
-        elif options.kernel == TORCHAO_INT4:
-            if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-                errors.append(f"method.kernel={TORCHAO_INT4!r} is not allowed without CUDA: it runs "
-                              "aten._weight_int4pack_mm's CUDA layout; use method.kernel=pytorch on CPU")
-            if cfg.bits != 4 or options.axis != 1 or cfg.group_size not in TORCHAO_GROUP_SIZES:
-                errors.append(f"method.kernel={TORCHAO_INT4!r} needs bits=4, method.axis=1 and group_size one of "
-                              f"{', '.join(map(str, TORCHAO_GROUP_SIZES))}; got bits={cfg.bits}, "
-                              f"method.axis={options.axis}, group_size={cfg.group_size}")
+        elif options.kernel == TINYGEMM_INT4 and (cfg.bits != 4 or options.axis != 1
+                                                   or cfg.group_size not in TINYGEMM_GROUP_SIZES):
+            errors.append(f"method.kernel={TINYGEMM_INT4!r} needs bits=4, method.axis=1 and group_size one of "
+                          f"{', '.join(map(str, TINYGEMM_GROUP_SIZES))}; got bits={cfg.bits}, "
+                          f"method.axis={options.axis}, group_size={cfg.group_size}")
         if not available("hqq"):
             errors.append(f"method=hqq needs hqq, which is not installed: {install_hint('hqq')}")
         return errors
@@ -111,9 +109,11 @@ class HQQ(QuantMethod):
         if self.workdir:  # the run attaches one; a bare quantize() call (tests) saves nothing
             report.saved_dir = save(model, scratch_dir(self.workdir, "packed"), quantized)
         on_kernel = {name: self._kernel_for(module, plan[name], device) for name, module in quantized.items()}
+        converted = 0
         for name, kernel in on_kernel.items():
-            if kernel == TORCHAO_INT4:
-                model.set_submodule(name, to_torchao_int4(quantized[name]))
+            if kernel == TINYGEMM_INT4:
+                model.set_submodule(name, to_tinygemm_int4(quantized[name], check=converted == 0))
+                converted += 1
             else:
                 report.unregistered_weight_bytes += meta_bytes(quantized[name])
         report.kernel = "; ".join(f"{KERNELS[k]} ({sum(v == k for v in on_kernel.values())} layers)"
@@ -123,12 +123,12 @@ class HQQ(QuantMethod):
         return report
 
     def _kernel_for(self, module, setting, device: str) -> str:
-        """pytorch, or torchao_int4 where asked (or auto on CUDA) and the layer fits it."""
+        """pytorch, or tinygemm_int4 where asked (or auto on CUDA in bfloat16) and the layer fits it."""
         kernel = self.options.kernel
-        if kernel == "pytorch" or (kernel == "auto" and not device.startswith("cuda")):
+        if kernel == "pytorch" or (kernel == "auto" and not (device.startswith("cuda")
+                                                             and module.compute_dtype == torch.bfloat16)):
             return "pytorch"
-        problems = torchao_int4_errors(setting.bits, setting.group_size, self.options.axis, module.compute_dtype,
-                                       module.in_features)
-        if problems and kernel == TORCHAO_INT4:
-            raise ValueError(f"method.kernel={TORCHAO_INT4!r} cannot run a layer with {', '.join(problems)}")
-        return "pytorch" if problems else TORCHAO_INT4
+        problems = tinygemm_int4_errors(setting.bits, setting.group_size, self.options.axis, module.in_features)
+        if problems and kernel == TINYGEMM_INT4:
+            raise ValueError(f"method.kernel={TINYGEMM_INT4!r} cannot run a layer with {', '.join(problems)}")
+        return "pytorch" if problems else TINYGEMM_INT4
