@@ -68,6 +68,7 @@ echo "call 2: carry [.whlx, .whlq, .devcarry/p2]         $(( tree_mib + $(size .
 echo "call 3: carry [.whlbnb, .devcarry/p3]              $(( tree_mib + $(size .whlbnb .devcarry/p3) )) MiB  (the embedded model is whole now: compare-*, quality-*)"
 echo "call 4 and later: carry nothing, while the machine stays warm"
 echo "still to run (after the tenth visit, 2026-12-03): 8b-new again (call 2: hqq on tinygemm_int4 in the graph loop,"
-echo "  quanto int4/float8 in every mode), the tensor-core kernel's tiles end to end (eighth visit), AQLM on the 8B shape"
+echo "  quanto int4/float8 in every mode), compare-aqlm (after call 3: AQLM 3 and 4 bits, eval=full), the tensor-core"
+echo "  kernel's tiles end to end (eighth visit), AQLM on the 8B shape"
 echo "  (no stage: about an hour of quantization). Done on the tenth visit: 8b-batch-d64, compare-ar, compare-new."
 echo "  A fresh machine took ~270 s to start on the ninth visit (tenth: about 60 s)."

@@ -162,6 +162,10 @@ case "$1" in
     case "$1" in compare-new) anchors
         par hqq method=hqq bits=2,3,4,8 $q -m; par quanto method=quanto bits=2,4,8 $q -m
         par quanto-f8 method=quanto method.weights=float8 bits=8 $q -m; par aqlm method=aqlm bits=2 $q -m ;; esac
+    # compare-aqlm: AQLM at 3 and 4 bits (3 and 4 codebooks of 8 bits, groups of 8), the widths issue 21 asks beside
+    # its 2-bit row of the tenth visit (229 s with five other streams), one stream per width.
+    case "$1" in compare-aqlm) anchors
+        par aqlm3 method=aqlm bits=3 $q -m; par aqlm4 method=aqlm bits=4 $q -m ;; esac
     case "$1" in compare-awq) anchors
         for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
     # AutoRound's default reload (method.kernel=auto: auto-round's Triton kernel on CUDA since the ninth visit,
