@@ -42,6 +42,8 @@ def errors_of(*overrides):
 def test_the_issue_grid_validates():
     for method in ("rtn", "hqq", "quanto"):
         make_config(f"method={method}", "bits=4")   # the default group_size=128 included
+    # On CPU the graph loop runs uncompiled, so quanto may be timed in it there.
+    validate(make_config("method=quanto", "bits=4", "bench.mode=graph", "device=cpu"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -55,6 +57,8 @@ def test_the_issue_grid_validates():
     (["method=quanto", "bits=8", "method.weights=float8", "device=cpu"], "quanto's float8 weights are offered on CUDA"),
     (["method=quanto", "bits=4", "method.weights=float8"], "method.weights='float8' needs bits=8"),
     (["method=quanto", "+method.layer_bits={mlp.down_proj:3}"], "bits=3 is not allowed for method quanto"),
+    (["method=quanto", "bits=4", "bench.mode=graph", "device=cuda"],
+     "bench.mode='graph' is not allowed with method=quanto on CUDA: optimum-quanto 0.2.7's packed weights do not compile"),
     (["method=fp8", "bits=4"], "bits=4 is not allowed for method fp8: it supports 8"),
     (["method=fp8", "bits=8", "method.activations=dynamic"], "needs group_size=-1"),
     (["method=fp8", "bits=8", "method.activations=static"], "method.activations='static' is not allowed"),

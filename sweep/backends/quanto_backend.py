@@ -42,6 +42,24 @@ KERNELS = {
 }
 
 
+# The newest optimum-quanto whose packed weights were seen failing under torch.compile (H200, torch 2.11, tenth
+# visit: a fake-tensor error on its int4 weights, "'TinyGemmWeightQBitsTensor' object has no attribute '_scale'"
+# from inductor, and MarlinF8QBytesTensor in dynamo's linear). Later releases are given the benefit of the doubt.
+LAST_UNCOMPILABLE = (0, 2, 7)
+
+
+def quanto_version() -> str:
+    from importlib.metadata import version
+
+    return version("optimum-quanto")
+
+
+def compiles_under_dynamo() -> bool:
+    """Whether the installed optimum-quanto's packed weights are expected to compile (see LAST_UNCOMPILABLE)."""
+    release = tuple(int(part) for part in quanto_version().split(".")[:3] if part.isdigit())
+    return release > LAST_UNCOMPILABLE
+
+
 def qtype_name(bits: int, weight_type: str) -> str:
     return "qfloat8_e4m3fn" if weight_type == "float8" else f"qint{bits}"
 
