@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sweep.backends.checkpoint import load_quantized_state, read_manifest, save_quantized_state
-from sweep.backends.tinygemm import GROUP_SIZES, TinyGemmError, TinyGemmInt4Linear
+from sweep.backends.tinygemm import GROUP_SIZES, TinyGemmError, TinyGemmInt4Linear, shape_errors, weight_mismatch
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
 
 HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)   # hqq's Quantizer.SUPPORTED_BITS, less its ternary 1.58
@@ -88,17 +88,14 @@ def storage_bits(module: nn.Module) -> float:
     return (code_bytes + meta_bytes(module)) * 8 / weights
 
 
-def tinygemm_int4_errors(bits: int, group_size: int, axis: int, in_features: int) -> List[str]:
-    """Why a layer cannot run on tinygemm_int4 (empty: it can)."""
+def tinygemm_int4_errors(bits: int, group_size: int, axis: int, in_features: int, out_features: int) -> List[str]:
+    """Why a layer cannot run on tinygemm_int4 (empty: it can): hqq's side, then the kernel's own shape rules."""
     errors = []
     if bits != 4:
         errors.append(f"bits {bits} (4 only)")
     if axis != 1:
         errors.append(f"axis {axis} (1 only)")
-    if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size:
-        errors.append(f"group_size {group_size} (one of {', '.join(map(str, TINYGEMM_GROUP_SIZES))} dividing "
-                      f"in_features {in_features})")
-    return errors
+    return errors + shape_errors(in_features, group_size, out_features)
 
 
 def to_tinygemm_int4(module: nn.Module, check: bool = False) -> TinyGemmInt4Linear:
@@ -112,7 +109,8 @@ def to_tinygemm_int4(module: nn.Module, check: bool = False) -> TinyGemmInt4Line
 
     meta = module.meta
     out_features, in_features = meta["shape"]
-    problems = tinygemm_int4_errors(meta["nbits"], meta["group_size"] or in_features, meta["axis"], in_features)
+    problems = tinygemm_int4_errors(meta["nbits"], meta["group_size"] or in_features, meta["axis"], in_features,
+                                    out_features)
     if meta.get("quant_scale") or meta.get("quant_zero"):
         problems.append("quantized scales or zeros")
     if problems:
@@ -124,13 +122,9 @@ def to_tinygemm_int4(module: nn.Module, check: bool = False) -> TinyGemmInt4Line
     fast = TinyGemmInt4Linear(codes, scales, zeros, meta["group_size"], bias=module.bias)
     if not check:
         return fast
-    expected = module.dequantize().float()
-    # bfloat16 scales and offsets: about 3 significant digits of each group's scale.
-    error = (fast.dequantized_weight().float() - expected).abs().max().item()
-    tolerance = 2e-2 * expected.abs().max().item() + 1e-6
-    if error > tolerance:
-        raise TinyGemmError(f"{TINYGEMM_INT4}: the repacked hqq layer does not reproduce hqq's weights (max error "
-                            f"{error:.3g} > {tolerance:.3g})")
+    mismatch = weight_mismatch(fast, module.dequantize())
+    if mismatch:
+        raise TinyGemmError(f"{TINYGEMM_INT4}: the repacked hqq layer does not reproduce hqq's weights ({mismatch})")
     return fast
 
 

@@ -218,12 +218,19 @@ def convert_model(model: nn.Module, check_with=None, build=from_gptq_module, ker
     return {"converted": len(targets)}
 
 
+def weight_mismatch(fast: nn.Module, expected: torch.Tensor) -> str:
+    """How far a packed layer's weights ([out, in], as its kernel computes them) are from `expected`:
+    "" within tolerance, else "max error E > T". The packed formats keep bfloat16 scales and offsets,
+    about 3 significant digits of each group's scale, hence the tolerance."""
+    expected = expected.float()
+    tolerance = 2e-2 * expected.abs().max().item() + 1e-6
+    error = (fast.dequantized_weight().float() - expected).abs().max().item()
+    return f"max error {error:.3g} > {tolerance:.3g}" if error > tolerance else ""
+
+
 def _check_first_layer(name, module, fast: nn.Module, check_with, kernel: str = KERNEL) -> None:
     expected = gptq_reference_weight(module) if check_with is None else check_with(module).float().t()
-    got = fast.dequantized_weight().float()
-    # bfloat16 scales and offsets: about 3 significant digits of each group's scale.
-    tolerance = 2e-2 * expected.abs().max().item() + 1e-6
-    error = (got - expected).abs().max().item()
-    if error > tolerance:
-        raise TinyGemmError(f"{kernel}: layer {name} does not reproduce its GPTQ weights (max error {error:.3g} > "
-                            f"{tolerance:.3g}); the checkpoint's packing differs from what this converter reads")
+    mismatch = weight_mismatch(fast, expected)
+    if mismatch:
+        raise TinyGemmError(f"{kernel}: layer {name} does not reproduce its GPTQ weights ({mismatch}); the "
+                            "checkpoint's packing differs from what this converter reads")

@@ -26,7 +26,7 @@ from sweep.backends.cuda_int4 import group_size_option_errors as gemv_group_size
 from sweep.backends.cuda_int4 import model_shape_errors as gemv_model_shape_errors
 from sweep.backends.gptqmodel_backend import GPTQ_KERNEL_BITS, PACKED_GPTQ_BITS, gptq_kernel_for, quantize_and_reload
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
-from sweep.backends.tinygemm import TinyGemmInt4Linear
+from sweep.backends.tinygemm import TinyGemmInt4Linear, weight_mismatch
 from sweep.backends.tinygemm import group_size_option_errors as tinygemm_group_size_errors
 from sweep.methods.base import PACKED, SIMULATED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record, planned_layers
@@ -174,12 +174,10 @@ class GPTQ(QuantMethod):
         else:
             packed = TinyGemmInt4Linear(codes, scales.t().contiguous(), zeros.t().contiguous(), cfg.group_size,
                                         bias=bias)
-        # The packed head must compute GPTQ's weights (bfloat16 scales: ~3 significant digits).
-        error = (packed.dequantized_weight().float() - result.weight).abs().max().item()
-        tolerance = 2e-2 * result.weight.abs().max().item() + 1e-6
-        if error > tolerance:
-            raise RuntimeError(f"lm_head packed for {kernel} does not reproduce its GPTQ weights "
-                               f"(max error {error:.3g} > {tolerance:.3g})")
+        # The packed head must compute GPTQ's weights.
+        mismatch = weight_mismatch(packed, result.weight)
+        if mismatch:
+            raise RuntimeError(f"lm_head packed for {kernel} does not reproduce its GPTQ weights ({mismatch})")
         model.set_output_embeddings(packed)
         if getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False

@@ -6,8 +6,9 @@ float zero per group; `sym` does not apply). bits 1-6 and 8 (hqq has no 7-bit la
 
 The quantized layers are hqq's HQQLinear modules holding bit-packed codes (`weights=packed`),
 dequantized on each call by hqq's PyTorch backend on CPU and GPU, or moved onto torch's int4
-tinygemm kernel (on CUDA by default, in bfloat16, where a layer fits) (`method.kernel`, sweep/backends/hqq_backend.py). The packed
-checkpoint is saved (size on disk) and can be loaded back with hqq_backend.load_into.
+tinygemm kernel where a layer fits (`method.kernel`; by default on CUDA in bfloat16;
+sweep/backends/hqq_backend.py). The packed checkpoint is saved (size on disk) and can be loaded back with
+hqq_backend.load_into.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ class HQQ(QuantMethod):
         if kernel == "pytorch" or (kernel == "auto" and not (device.startswith("cuda")
                                                              and module.compute_dtype == torch.bfloat16)):
             return "pytorch"
-        problems = tinygemm_int4_errors(setting.bits, setting.group_size, self.options.axis, module.in_features)
+        problems = tinygemm_int4_errors(setting.bits, setting.group_size, self.options.axis, module.in_features,
+                                        module.out_features)
         if problems and kernel == TINYGEMM_INT4:
             raise ValueError(f"method.kernel={TINYGEMM_INT4!r} cannot run a layer with {', '.join(problems)}")
         return "pytorch" if problems else TINYGEMM_INT4
