@@ -13,35 +13,31 @@ import copy
 import csv
 import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from sweep.config.schema import register_configs
+from sweep.config.schema import SweepConfig
 from sweep.infra.progress import Progress
 from sweep.measure.probe import probe_perplexity, probe_tokens
 from sweep.methods import get_method
 from sweep.models.loading import load_model
-from sweep.validation.fields import to_sweep_config
 
 KERNELS = ("pytorch", "tinygemm_int4")
 PROMPT = "Explain what quantization does to a neural network."
 NEW_TOKENS = 32
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def load_config(overrides):
-    """The validated config `python -m sweep <overrides>` would run."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_sweep_config(compose(config_name="config", overrides=list(overrides)))
+def hqq_config(kernel: str) -> SweepConfig:
+    """The settings `python -m sweep model.dtype=bfloat16 method=hqq bits=4 group_size=64 method.kernel=KERNEL` runs."""
+    cfg = SweepConfig()
+    cfg.model.dtype = "bfloat16"
+    cfg.bits, cfg.group_size = 4, 64
+    cfg.method = {"name": "hqq", "kernel": kernel}
+    return cfg
 
 
 def main(out_path: str | None) -> None:
-    register_configs()
-    base = load_config(["model.dtype=bfloat16"])
+    base = hqq_config("pytorch")
     model, tokenizer = load_model(base.model, "cpu", base.cache_dir)
     tokens = probe_tokens(tokenizer, [2, 3], 4096)
     prompt = tokenizer(PROMPT, return_tensors="pt")
@@ -49,9 +45,7 @@ def main(out_path: str | None) -> None:
     for kernel in ("unquantized",) + KERNELS:
         quantized = copy.deepcopy(model)
         if kernel != "unquantized":
-            cfg = load_config(["model.dtype=bfloat16", "method=hqq", "bits=4", "group_size=64",
-                               f"method.kernel={kernel}"])
-            get_method("hqq")(cfg).quantize(quantized, None, Progress("hqq", enabled=False))
+            get_method("hqq")(hqq_config(kernel)).quantize(quantized, None, Progress("hqq", enabled=False))
         with torch.no_grad():
             start = time.perf_counter()
             ppl = probe_perplexity(quantized, tokens, 1024)
