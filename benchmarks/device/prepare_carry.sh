@@ -63,9 +63,9 @@ cat .devcarry/p1/part1 .devcarry/p2/part2 .devcarry/p3/part3 | cmp - "$MODEL_WHE
 tree_mib=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) / 1048576 ))
 size() { du -cm "$@" | tail -1 | cut -f1; }
 echo "tracked tree: ${tree_mib} MiB; each call below must stay under 64 MiB with it"
-echo "call 1: carry [.whl, .devcarry/tok, .devcarry/p1]  $(( tree_mib + $(size .whl .devcarry/tok .devcarry/p1) )) MiB  (8B-shape stages)"
-echo "call 2: carry [.whlx, .whlq, .devcarry/p2]         $(( tree_mib + $(size .whlx .whlq .devcarry/p2) )) MiB  (8B-shape stages; 8b-new from here)"
-echo "call 3: carry [.whlbnb, .devcarry/p3]              $(( tree_mib + $(size .whlbnb .devcarry/p3) )) MiB  (the embedded model is whole now: compare-*, quality-*)"
+echo "call 1: carry [.whl, .whlx, .whlq, .devcarry/tok, .devcarry/p1]  $(( tree_mib + $(size .whl .whlx .whlq .devcarry/tok .devcarry/p1) )) MiB  (8B-shape stages, 8b-new and 8b-aqlm too)"
+echo "call 2: carry [.devcarry/p2]                                    $(( tree_mib + $(size .devcarry/p2) )) MiB  (8B-shape stages)"
+echo "call 3: carry [.whlbnb, .devcarry/p3]                           $(( tree_mib + $(size .whlbnb .devcarry/p3) )) MiB  (the embedded model is whole now: compare-*, quality-*)"
 echo "call 4 and later: carry nothing, while the machine stays warm"
 echo "still to run (after the tenth visit, 2026-12-03): 8b-new again (call 2: hqq on tinygemm_int4 in the graph loop,"
 echo "  quanto int4/float8 in every mode), compare-aqlm (after call 3: AQLM 3 and 4 bits, eval=full), the tensor-core"

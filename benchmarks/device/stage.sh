@@ -81,6 +81,10 @@ case "$1" in
     sweep $big model.dtype=bfloat16 method=hqq bits=4 group_size=64 bench.mode=graph bench.repeats=1 baseline=false
     sweep $big model.dtype=bfloat16 method=quanto bits=4 group_size=128 bench.mode=all bench.repeats=1 baseline=false
     sweep $big model.dtype=bfloat16 method=quanto method.weights=float8 bits=8 bench.mode=all bench.repeats=1 baseline=false ;;
+  8b-aqlm)   # issue 21: AQLM's kernels in the 8B shape's batch-1 graph decode, on random codes (a step's time depends on
+    # the layout, not on the codes found; quantizing the 8B shape would take about an hour): bf16, 2x8, 1x16, 4x8.
+    # Writes $OUT/aqlm_decode.json; no store.
+    echo "=== python3 benchmarks/device/aqlm_decode.py"; python3 benchmarks/device/aqlm_decode.py 2>&1 | grep -vE "it/s\]|s/it\]" ;;
   8b-gemv-head) # GPTQ 4-bit on gemv_int4 with the head quantized by the project's GPTQ and packed for the kernel
     sweep $big model.dtype=bfloat16 method=gptq bits=4 group_size=128 method.kernel=gemv_int4 quantize_lm_head=true calibration.nsamples=32 calibration.seqlen=512 bench.mode=graph bench.repeats=1 ;;
   8b-bf16-more) # bfloat16 8B shape: AutoRound 4-bit (RTN mode, GPTQ export) on fused tinygemm; GPTQ 4-bit unfused
