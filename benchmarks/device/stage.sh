@@ -170,6 +170,9 @@ case "$1" in
     # its 2-bit row of the tenth visit (229 s with five other streams), one stream per width.
     case "$1" in compare-aqlm) anchors
         par aqlm3 method=aqlm bits=3 $q -m; par aqlm4 method=aqlm bits=4 $q -m ;; esac
+    # compare-aqlm-seeds: AQLM 2-bit at seeds 1 and 2, for the spread of its seed-0 row (tenth visit).
+    case "$1" in compare-aqlm-seeds) anchors
+        for s in 1 2; do par aqlm2-$s method=aqlm bits=2 seed=$s $q -m; done ;; esac
     case "$1" in compare-awq) anchors
         for s in 0 1 2; do par awq-$s method=awq bits=4 seed=$s $q -m; done ;; esac
     # AutoRound's default reload (method.kernel=auto: auto-round's Triton kernel on CUDA since the ninth visit,

@@ -22,7 +22,7 @@ import torch
 from sweep.backends import available, install_hint
 from sweep.backends import aqlm_backend
 from sweep.backends.checkpoint import scratch_dir
-from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
+from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport, runs_on_cuda
 from sweep.methods.rtn import layer_record
 from sweep.quant.aqlm import AQLMSearch, AQLMSettings, aqlm_quantize
 from sweep.quant.layer_bits import KEEP_BITS, parse_layer_bits
@@ -102,8 +102,7 @@ class AQLM(QuantMethod):
             errors.append(f"method.codebook_lr={options.codebook_lr!r} is not allowed: a positive learning rate")
         if cfg.quantize_lm_head:
             errors.append("quantize_lm_head=true is not supported for method aqlm yet: use quantize_lm_head=false")
-        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        if on_cpu and not options.allow_cpu:
+        if not runs_on_cuda(cfg.device) and not options.allow_cpu:
             errors.append(CPU_REFUSAL)
         if not available("aqlm"):
             errors.append(f"method=aqlm needs aqlm, which is not installed: {install_hint('aqlm')}")

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+import torch
 from torch import nn
 
 from sweep.infra.progress import Progress
@@ -20,6 +21,13 @@ from sweep.quant.layer_bits import ALLOWED_BITS, KEEP_BITS, LayerSetting, parse_
 PACKED = "packed"
 SIMULATED = "simulated"
 UNQUANTIZED = "unquantized"
+
+
+def runs_on_cuda(device: str) -> bool:
+    """Whether a run with this `device` setting will run on CUDA (device=auto picks it where torch
+    sees one), for a method's checks before any model loads. `models.loading.resolve_device` cannot
+    serve them: it raises for device=cuda without CUDA, and a check must report, not raise."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 @dataclass

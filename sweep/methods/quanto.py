@@ -24,18 +24,13 @@ from sweep.backends.fp8_linear import has_fp8_tensor_cores
 from sweep.backends.quanto_backend import (OPTIMIZERS, QUANTO_BITS, WEIGHT_TYPES, compiles_under_dynamo, dequantized,
                                            group_size_for, kernel_of, kernel_summary, qtype_name, quanto_version,
                                            quantize_linear, save, storage_bits)
-from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
+from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport, runs_on_cuda
 from sweep.methods.rtn import layer_record
 from sweep.quant.layer_bits import KEEP_BITS, parse_layer_bits
 from sweep.quant.layers import quantizable_linears
 
 # bench modes that only time a compiled decode (a failing compile fails the run; "both"/"all" record it)
 COMPILED_ONLY = ("static", "graph")
-
-
-def _on_cuda(device: str) -> bool:
-    # device=auto picks CUDA where there is one; the graph loop compiles only there
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 @dataclass
@@ -71,7 +66,7 @@ class Quanto(QuantMethod):
             errors.append(f"method.optimizer={options.optimizer!r} is not allowed: {', '.join(OPTIMIZERS)}")
         if not available("optimum.quanto"):
             errors.append(f"method=quanto needs optimum-quanto, which is not installed: {install_hint('optimum.quanto')}")
-        elif cfg.bench.mode in COMPILED_ONLY and _on_cuda(cfg.device) and not compiles_under_dynamo():
+        elif cfg.bench.mode in COMPILED_ONLY and runs_on_cuda(cfg.device) and not compiles_under_dynamo():
             errors.append(f"bench.mode={cfg.bench.mode!r} is not allowed with method=quanto on CUDA: optimum-quanto "
                           f"{quanto_version()}'s packed weights do not compile under torch.compile (on the H200 dynamo "
                           "and inductor failed on its int4 and float8 weight tensors), so the run would quantize and "
