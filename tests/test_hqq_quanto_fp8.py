@@ -150,7 +150,7 @@ def test_hqq_on_tinygemm_computes_what_hqq_computes(small, tmp_path):
     GPU): the same logits as hqq's own dequantize-then-matmul, up to tinygemm's bfloat16 scales."""
     reference, _ = quantized(small, tmp_path / "pytorch", "method=hqq", "bits=4", "group_size=64")
     model, report = quantized(small, tmp_path / "tinygemm", "method=hqq", "bits=4", "group_size=64",
-                              "method.kernel=tinygemm_int4")
+                              "method.kernel=tinygemm_int4", "method.fuse_projections=false")
     targets = quantizable_linears(small[0])
     assert report.kernel.startswith("tinygemm_int4") and f"({len(targets)} layers)" in report.kernel
     assert {type(model.get_submodule(name)).__name__ for name in targets} == {"TinyGemmInt4Linear"}
@@ -159,6 +159,22 @@ def test_hqq_on_tinygemm_computes_what_hqq_computes(small, tmp_path):
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     # A mismatch in the repacking (a zero point read off by one) would move every logit.
     assert kl_from_reference(model, small) == pytest.approx(kl_from_reference(reference, small), rel=0.1)
+
+
+def test_hqq_on_tinygemm_fuses_qkv_and_gate_up_without_changing_the_logits(small, tmp_path):
+    """The default on tinygemm: one int4 matmul for q/k/v and one for gate/up per layer, as GPTQ's."""
+    separate, _ = quantized(small, tmp_path / "separate", "method=hqq", "bits=4", "group_size=64",
+                            "method.kernel=tinygemm_int4", "method.fuse_projections=false")
+    model, report = quantized(small, tmp_path / "fused", "method=hqq", "bits=4", "group_size=64",
+                              "method.kernel=tinygemm_int4")
+    layers = len(model.model.layers)
+    assert report.tags["fused_projections"] == f"q/k/v in {layers} attentions, gate/up in {layers} MLPs"
+    assert {type(layer.mlp).__name__ for layer in model.model.layers} == {"FusedGatedMLP"}
+    assert {type(layer.self_attn.q_proj).__name__ for layer in model.model.layers} == {"FusedQKVProjection"}
+    with torch.no_grad():
+        expected, got = separate(small[2]).logits.float(), model(small[2]).logits.float()
+    # Each output column keeps its codes, scales and reduction: the same logits up to the kernel's tiling.
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
 @pytest.mark.parametrize("method, bit_widths", [("hqq", (2, 3, 4, 8)), ("quanto", (2, 4, 8))])

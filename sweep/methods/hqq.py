@@ -7,8 +7,9 @@ float zero per group; `sym` does not apply). bits 1-6 and 8 (hqq has no 7-bit la
 The quantized layers are hqq's HQQLinear modules holding bit-packed codes (`weights=packed`),
 dequantized on each call by hqq's PyTorch backend on CPU and GPU, or moved onto torch's int4
 tinygemm kernel where a layer fits (`method.kernel`; by default on CUDA in bfloat16;
-sweep/backends/hqq_backend.py). The packed checkpoint is saved (size on disk) and can be loaded back with
-hqq_backend.load_into.
+sweep/backends/hqq_backend.py), where each attention's q/k/v and each MLP's gate/up then run as one
+matmul (`method.fuse_projections`, as for GPTQ: sweep/backends/tinygemm_fusion.py). The packed checkpoint is
+saved (size on disk) and can be loaded back with hqq_backend.load_into.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from sweep.backends.hqq_backend import (AXES, GROUP_MULTIPLE, HQQ_BITS, KERNELS,
                                         group_errors, meta_bytes, optimizer_settings, quant_config, quantize_linear,
                                         save, storage_bits, tinygemm_int4_errors, to_tinygemm_int4)
 from sweep.backends.checkpoint import scratch_dir
+from sweep.backends.tinygemm_fusion import fuse_projections
 from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
 from sweep.quant.layer_bits import parse_layer_bits
@@ -42,6 +44,8 @@ class HQQOptions(MixedPrecisionOptions):
     iters: int = 20            # its iterations (it stops early once the error grows)
     # auto: tinygemm_int4 on CUDA for bfloat16 models where a layer fits (its scales are bfloat16), else pytorch
     kernel: str = "auto"       # auto | pytorch | tinygemm_int4
+    # On tinygemm_int4: q/k/v and gate/up as one int4 matmul each, as GPTQ does (faster batch-1 decode, same outputs)
+    fuse_projections: bool = True
 
 
 class HQQ(QuantMethod):
@@ -119,6 +123,9 @@ class HQQ(QuantMethod):
                 report.unregistered_weight_bytes += meta_bytes(quantized[name])
         report.kernel = "; ".join(f"{KERNELS[k]} ({sum(v == k for v in on_kernel.values())} layers)"
                                   for k in sorted(set(on_kernel.values())))
+        if converted and opts.fuse_projections:
+            fused = fuse_projections(model)
+            report.tags["fused_projections"] = f"q/k/v in {fused['qkv']} attentions, gate/up in {fused['gate_up']} MLPs"
         if any(setting.bits in (5, 6) for setting in plan.values()):
             report.notes.append("hqq stores 5- and 6-bit codes one per byte: quant.bits_per_weight counts 8 bits for them")
         return report
