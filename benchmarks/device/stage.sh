@@ -81,6 +81,9 @@ case "$1" in
     sweep $big model.dtype=bfloat16 method=hqq bits=4 group_size=64 bench.mode=graph bench.repeats=1 baseline=false
     sweep $big model.dtype=bfloat16 method=quanto bits=4 group_size=128 bench.mode=all bench.repeats=1 baseline=false
     sweep $big model.dtype=bfloat16 method=quanto method.weights=float8 bits=8 bench.mode=all bench.repeats=1 baseline=false ;;
+  8b-hqq)    # hqq 4-bit g64 on tinygemm_int4 alone (q/k/v and gate/up fused since 5ec1eaf), then the bf16 reference, graph loop
+    sweep $big model.dtype=bfloat16 method=hqq bits=4 group_size=64 bench.mode=graph bench.repeats=1 baseline=false
+    sweep $big model.dtype=bfloat16 method=fp16 bench.disk_size=false bench.mode=graph bench.repeats=1 ;;
   8b-aqlm)   # issue 21: AQLM's kernels in the 8B shape's batch-1 graph decode, on random codes (a step's time depends on
     # the layout, not on the codes found; quantizing the 8B shape would take about an hour): bf16, 2x8, 1x16, 4x8.
     # Writes $OUT/aqlm_decode.json; no store.
