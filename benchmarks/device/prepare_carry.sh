@@ -69,5 +69,5 @@ echo "call 3: carry [.whlbnb, .devcarry/p3]                           $(( tree_m
 echo "call 4 and later: carry nothing, while the machine stays warm"
 echo "still to run (after the eleventh visit, 2026-12-03): compare-aqlm-seeds (after call 3: AQLM 2-bit, seeds 1 and 2), AutoRound at 2"
 echo "  and 3 bits, the tensor-core kernel's tiles end to end (eighth visit), awq_gemm_triton and bnb int8 on the 8B shape."
-echo "  Done on the eleventh: 8b-new, 8b-aqlm, compare-aqlm. Send each call within 30 s of the last one's return:"
+echo "  Done on the eleventh: 8b-new, 8b-aqlm, compare-aqlm, 8b-hqq. Send each call within 30 s of the last one's return:"
 echo "  the machine is given back after 30 s idle (the eleventh visit lost two calls and ~240 s that way)."
