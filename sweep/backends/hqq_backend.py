@@ -24,17 +24,15 @@ import torch
 from torch import nn
 
 from sweep.backends.checkpoint import load_quantized_state, read_manifest, save_quantized_state
-from sweep.backends.tinygemm import GROUP_SIZES, TinyGemmError, TinyGemmInt4Linear, shape_errors, weight_mismatch
 from sweep.backends.tinygemm import KERNEL as TINYGEMM
+from sweep.backends.tinygemm import TinyGemmError, TinyGemmInt4Linear, shape_errors, weight_mismatch
 
 HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)   # hqq's Quantizer.SUPPORTED_BITS, less its ternary 1.58
 GROUP_MULTIPLE = 8                 # hqq's quant config asserts group_size % 8 == 0
 AXES = (0, 1)
-TINYGEMM_INT4 = TINYGEMM
-TINYGEMM_GROUP_SIZES = GROUP_SIZES
 KERNELS = {
     "pytorch": "hqq pytorch: bit-unpack + dequantize per call, then torch.matmul",
-    TINYGEMM_INT4: "tinygemm_int4: aten._weight_int4pack_mm (hqq codes, scales and zeros repacked)",
+    TINYGEMM: "tinygemm_int4: aten._weight_int4pack_mm (hqq codes, scales and zeros repacked)",
 }
 MANIFEST = "hqq_layers.json"
 
@@ -109,22 +107,22 @@ def to_tinygemm_int4(module: nn.Module, check: bool = False) -> TinyGemmInt4Line
 
     meta = module.meta
     out_features, in_features = meta["shape"]
-    problems = tinygemm_int4_errors(meta["nbits"], meta["group_size"] or in_features, meta["axis"], in_features,
-                                    out_features)
+    group_size = meta["group_size"] or in_features   # None: one group per row
+    problems = tinygemm_int4_errors(meta["nbits"], group_size, meta["axis"], in_features, out_features)
     if meta.get("quant_scale") or meta.get("quant_zero"):
         problems.append("quantized scales or zeros")
     if problems:
-        raise TinyGemmError(f"{TINYGEMM_INT4} cannot run this hqq layer: {', '.join(problems)}")
-    groups = in_features // meta["group_size"]
+        raise TinyGemmError(f"{TINYGEMM} cannot run this hqq layer: {', '.join(problems)}")
+    groups = in_features // group_size
     codes = Quantizer.unpack[meta["packing"]](module.W_q)[:out_features * groups].reshape(out_features, in_features)
     scales = meta["scale"].reshape(out_features, groups).t()
     zeros = meta["zero"].reshape(out_features, groups).t()
-    fast = TinyGemmInt4Linear(codes, scales, zeros, meta["group_size"], bias=module.bias)
+    fast = TinyGemmInt4Linear(codes, scales, zeros, group_size, bias=module.bias)
     if not check:
         return fast
     mismatch = weight_mismatch(fast, module.dequantize())
     if mismatch:
-        raise TinyGemmError(f"{TINYGEMM_INT4}: the repacked hqq layer does not reproduce hqq's weights ({mismatch})")
+        raise TinyGemmError(f"{TINYGEMM}: the repacked hqq layer does not reproduce hqq's weights ({mismatch})")
     return fast
 
 

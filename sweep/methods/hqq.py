@@ -19,10 +19,12 @@ from typing import List
 import torch
 
 from sweep.backends import available, install_hint
-from sweep.backends.hqq_backend import (AXES, GROUP_MULTIPLE, HQQ_BITS, KERNELS, TINYGEMM_GROUP_SIZES, TINYGEMM_INT4,
-                                        group_errors, meta_bytes, optimizer_settings, quant_config, quantize_linear,
-                                        save, storage_bits, tinygemm_int4_errors, to_tinygemm_int4)
+from sweep.backends.hqq_backend import (AXES, GROUP_MULTIPLE, HQQ_BITS, KERNELS, group_errors, meta_bytes,
+                                        optimizer_settings, quant_config, quantize_linear, save, storage_bits,
+                                        tinygemm_int4_errors, to_tinygemm_int4)
 from sweep.backends.checkpoint import scratch_dir
+from sweep.backends.tinygemm import GROUP_SIZES as TINYGEMM_GROUP_SIZES
+from sweep.backends.tinygemm import KERNEL as TINYGEMM
 from sweep.backends.tinygemm_fusion import fuse_projections
 from sweep.methods.base import PACKED, MixedPrecisionOptions, QuantMethod, QuantReport
 from sweep.methods.rtn import layer_record
@@ -78,9 +80,9 @@ class HQQ(QuantMethod):
                           "and kappa >= 1")
         if options.kernel not in KERNEL_CHOICES:
             errors.append(f"method.kernel={options.kernel!r} is not allowed: {', '.join(KERNEL_CHOICES)}")
-        elif options.kernel == TINYGEMM_INT4 and (cfg.bits != 4 or options.axis != 1
+        elif options.kernel == TINYGEMM and (cfg.bits != 4 or options.axis != 1
                                                    or cfg.group_size not in TINYGEMM_GROUP_SIZES):
-            errors.append(f"method.kernel={TINYGEMM_INT4!r} needs bits=4, method.axis=1 and group_size one of "
+            errors.append(f"method.kernel={TINYGEMM!r} needs bits=4, method.axis=1 and group_size one of "
                           f"{', '.join(map(str, TINYGEMM_GROUP_SIZES))}; got bits={cfg.bits}, "
                           f"method.axis={options.axis}, group_size={cfg.group_size}")
         if not available("hqq"):
@@ -116,7 +118,7 @@ class HQQ(QuantMethod):
         on_kernel = {name: self._kernel_for(module, plan[name], device) for name, module in quantized.items()}
         converted = 0
         for name, kernel in on_kernel.items():
-            if kernel == TINYGEMM_INT4:
+            if kernel == TINYGEMM:
                 model.set_submodule(name, to_tinygemm_int4(quantized[name], check=converted == 0))
                 converted += 1
             else:
@@ -138,6 +140,6 @@ class HQQ(QuantMethod):
             return "pytorch"
         problems = tinygemm_int4_errors(setting.bits, setting.group_size, self.options.axis, module.in_features,
                                         module.out_features)
-        if problems and kernel == TINYGEMM_INT4:
-            raise ValueError(f"method.kernel={TINYGEMM_INT4!r} cannot run a layer with {', '.join(problems)}")
-        return "pytorch" if problems else TINYGEMM_INT4
+        if problems and kernel == TINYGEMM:
+            raise ValueError(f"method.kernel={TINYGEMM!r} cannot run a layer with {', '.join(problems)}")
+        return "pytorch" if problems else TINYGEMM
