@@ -14,7 +14,8 @@ back the phase times (load, calibrate, quantize, generate, eval) and turns the t
 phases into achieved FLOP/s from the model's shapes:
 
 - quantize: the calibration forward passes (GPTQ's true-sequential passes, each stopped once its
-  group has its inputs) plus the Hessian products, per calibration token; the solver's column loop
+  group has its inputs, each linear's product computed once) plus the Hessian products, per
+  calibration token; the solver's column loop
   is not counted (its arithmetic is small; its time is per-column overhead);
 - eval: every scored token through every decoder linear and the LM head (attention scores are not
   counted: under 20% of the work at these lengths).
@@ -73,16 +74,13 @@ def model_shapes(model_dir: Path) -> dict:
 
 
 def quantize_flops_per_token(s: dict) -> float:
-    """Calibration forward passes of true-sequential GPTQ with early stops, plus the Hessian products."""
+    """Calibration forward passes of true-sequential GPTQ, plus the Hessian products. Each pass stops
+    where its group's input arrives and replays what finished linears computed on an earlier pass
+    (sweep/quant/replay.py), so every decoder linear multiplies each calibration token once."""
     h, i, kv = s["h"], s["i"], s["kv"]
-    qkv, o, mlp_one = h * (h + 2 * kv), h * h, h * i
-    passes = (h * (h + kv)                    # q/k/v group: q and k run, the pass stops at v's input
-              + qkv                           # o_proj group: attention, stop at o_proj
-              + qkv + o + mlp_one             # gate/up: stop at up_proj
-              + qkv + o + 2 * mlp_one         # down_proj: stop at down_proj
-              + qkv + o + 3 * mlp_one)        # the layer's output for the next layer
+    linears = h * (h + 2 * kv) + h * h + 3 * h * i
     hessians = 3 * h * h + i * i              # one per group: q/k/v, o, gate/up (h wide), down (i wide)
-    return 2 * s["layers"] * (passes + hessians)
+    return 2 * s["layers"] * (linears + hessians)
 
 
 def eval_flops_per_token(s: dict) -> float:

@@ -1,11 +1,12 @@
 """Where one torch-backend GPTQ quantize of the embedded model spends its time (CPU, default calibration).
 
-    python benchmarks/profile_gptq_cpu.py [DTYPE] [BATCH_TOKENS]     # e.g. bfloat16 0, float32 8192
+    python benchmarks/profile_gptq_cpu.py [DTYPE] [BATCH_TOKENS] [REPLAY]   # e.g. bfloat16 0, float32 8192 0
 
 Loads the default model in DTYPE, builds the default calibration (32 × 256 LAMBADA-dev windows), runs
 `method=gptq` (4 bits, group 128) with `method.batch_tokens=BATCH_TOKENS` under cProfile, and prints the
 wall time, the time in each stage (first-layer capture, grouping pass, calibration passes incl. the
-Hessian hooks, solver, full passes) and the top functions by own time.
+Hessian hooks, solver, full passes) and the top functions by own time. REPLAY=0 turns off the replay of
+finished linears' outputs (sweep/quant/replay.py), to time the calibration passes without it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ STAGES = ["capture_first_layer_inputs", "sequential_groups", "run_layer_until", 
 def main() -> None:
     dtype = sys.argv[1] if len(sys.argv) > 1 else "bfloat16"
     batch_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    replay = sys.argv[3] != "0" if len(sys.argv) > 3 else True
+    if not replay:
+        sequential_module.MAX_REPLAY_BYTES = -1
     cfg = SweepConfig()
     cfg.model.dtype = dtype
     cfg.calibration.nsamples, cfg.calibration.seqlen = 32, 256
@@ -58,7 +62,7 @@ def main() -> None:
     profile.enable()
     method.quantize(model, samples, Progress(enabled=False))
     profile.disable()
-    print(f"{dtype}, batch_tokens={batch_tokens}, {torch.get_num_threads()} threads: {time.perf_counter() - t0:.1f} s")
+    print(f"{dtype}, batch_tokens={batch_tokens}, replay={replay}, {torch.get_num_threads()} threads: {time.perf_counter() - t0:.1f} s")
     print({name: round(value, 2) for name, value in seconds.items()})
     pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 

@@ -7,8 +7,9 @@ the outputs of the groups the caller has already quantized.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from sweep.quant.gptq_solver import HessianAccumulator
 from sweep.quant.layers import (LayerInputs, capture_first_layer_inputs, decoder_layers, run_layer, run_layer_until,
                                 sequential_groups)
+from sweep.quant.replay import MAX_REPLAY_BYTES, OutputReplay, finished_modules, replay_bytes
 
 
 @dataclass
@@ -29,11 +31,14 @@ class SequentialCalibration:
     `inputs` holds what the last decoder layer output (for a head quantized on the same data)."""
 
     def __init__(self, model: nn.Module, calibration: List[torch.Tensor], linears: Dict[str, nn.Linear],
-                 true_sequential: bool = True, batch_tokens: int = 0):
+                 true_sequential: bool = True, batch_tokens: int = 0, replay: bool = True):
         self.model = model
         self.linears = linears
         self.true_sequential = true_sequential
         self.inputs: LayerInputs = capture_first_layer_inputs(model, calibration, batch_tokens)
+        # Replay needs true-sequential groups: there each run stops where the group's shared input
+        # arrives, so only linears of earlier (final) groups run, and each is recorded once.
+        self.replay = OutputReplay() if replay and true_sequential else None
 
     @torch.no_grad()
     def groups(self, progress, label: str) -> Iterator[HessianGroup]:
@@ -43,16 +48,20 @@ class SequentialCalibration:
             layer, start = layers[index], f"{prefix}.{index}."
             linears = {n[len(start):]: m for n, m in self.linears.items() if n.startswith(start)}
             groups = sequential_groups(layer, self.inputs, linears) if self.true_sequential else [list(linears)]
+            replay = self._replay_for(linears)
+            targets, finished = set(linears.values()), set()   # finished: linears of the groups already solved
             for group in groups:
                 # A true-sequential group's linears receive one and the same tensor (that is how they
-                # were grouped), so they share one Hessian: accumulated once, from the first of them.
+                # were grouped), so they share one Hessian: accumulated once, from the first of them,
+                # and the layer can stop as soon as that one's input arrives.
                 owners = {n: group[0] if self.true_sequential else n for n in group}
                 hessians = {o: HessianAccumulator(linears[o].in_features, linears[o].weight.device)
                             for o in set(owners.values())}
                 handles = [linears[o].register_forward_pre_hook(lambda mod, args, o=o: hessians[o].add(args[0]))
                            for o in hessians]
                 try:
-                    run_layer_until(layer, self.inputs, [linears[n] for n in group])
+                    with replay.running(finished_modules(layer, targets, finished)) if replay else nullcontext():
+                        run_layer_until(layer, self.inputs, [linears[o] for o in hessians])
                 finally:
                     for h in handles:
                         h.remove()
@@ -60,5 +69,18 @@ class SequentialCalibration:
                     members = [n for n in group if owners[n] == owner]
                     yield HessianGroup({start + n: linears[n] for n in members}, hessian.H)
                 del hessians
+                finished.update(linears[n] for n in group)
             # The next layer calibrates on what this quantized layer really outputs.
-            self.inputs.hidden = run_layer(layer, self.inputs)
+            with replay.running(finished_modules(layer, targets, finished)) if replay else nullcontext():
+                self.inputs.hidden = run_layer(layer, self.inputs)
+            if replay:
+                replay.clear()
+
+    def _replay_for(self, linears: Dict[str, nn.Linear]) -> Optional[OutputReplay]:
+        if self.replay is None or not linears:
+            return None
+        sample = self.inputs.hidden[0]
+        tokens = sum(h.numel() // h.shape[-1] for h in self.inputs.hidden)
+        if replay_bytes(linears.values(), tokens, sample.element_size()) > MAX_REPLAY_BYTES:
+            return None
+        return self.replay
