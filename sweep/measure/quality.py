@@ -1,7 +1,7 @@
 """Quality through lm-eval: WikiText-2 perplexities and LAMBADA perplexity/accuracy of the in-memory model.
 
-The model object itself goes to lm-eval (`HFLM(pretrained=<model>)`), so what is scored is
-exactly what was quantized, with no save/reload in between. Tasks come from sweep/data/tasks
+The model object itself goes to lm-eval (`HFLM(pretrained=<model>)`, as sweep/measure/scored_lm.py's
+subclass), so what is scored is exactly what was quantized, with no save/reload in between. Tasks come from sweep/data/tasks
 (the vendored data), so nothing is downloaded.
 
 Each task also returns its per-item results (lm-eval's logged samples: one entry per WikiText
@@ -35,7 +35,8 @@ METRICS = {
 
 
 def make_lm(model, tokenizer, cfg: EvalConfig):
-    from lm_eval.models.huggingface import HFLM
+    # lm-eval's HFLM, normalising only the positions a batch scores (the same numbers, less work).
+    from sweep.measure.scored_lm import ScoredPositionsLM
 
     kwargs: Dict[str, Any] = dict(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     if cfg.max_length is not None:
@@ -45,7 +46,7 @@ def make_lm(model, tokenizer, cfg: EvalConfig):
     # rounded to a multiple of 32, which moved word perplexity in steps of 0.3-0.6%. Scores in float32
     # whatever the model runs in (a float32 model: the same arithmetic as before).
     kwargs["softmax_dtype"] = "float32"
-    return HFLM(**kwargs)
+    return ScoredPositionsLM(**kwargs)
 
 
 def task_manager(cache_dir: Path):
