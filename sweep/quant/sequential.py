@@ -3,7 +3,8 @@
 Block by block through the model: each decoder layer sees the outputs of the already-quantized
 layers before it (sequential), and within a layer the linears come in execution order
 (true-sequential: q/k/v, then o, then gate/up, then down), each group's Hessian accumulated on
-the outputs of the groups the caller has already quantized.
+the outputs of the groups the caller has already quantized. Those groups' outputs are computed once
+per layer and replayed on its later passes (sweep/quant/replay.py).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class SequentialCalibration:
         self.linears = linears
         self.true_sequential = true_sequential
         self.inputs: LayerInputs = capture_first_layer_inputs(model, calibration, batch_tokens)
-        # Replay needs true-sequential groups: there each run stops where the group's shared input
-        # arrives, so only linears of earlier (final) groups run, and each is recorded once.
+        # Replay pays with true-sequential groups, where each pass runs the groups solved before it;
+        # with one group per layer nothing is finished before the output pass.
         self.replay = OutputReplay() if replay and true_sequential else None
 
     @torch.no_grad()
