@@ -145,12 +145,19 @@ def test_packed_4bit_modules_sizes_and_reload(small, tmp_path, method, load_modu
     assert torch.equal(reloaded_logits(small, report.saved_dir, load_into), logits)
 
 
-def test_hqq_on_tinygemm_computes_what_hqq_computes(small, tmp_path):
+@pytest.fixture(scope="module")
+def hqq_tinygemm_unfused(small, tmp_path_factory):
+    """hqq 4-bit g64 on tinygemm, one int4 matmul per linear: (model, report), shared by the tests that
+    only run it."""
+    return quantized(small, tmp_path_factory.mktemp("tinygemm"), "method=hqq", "bits=4", "group_size=64",
+                     "method.kernel=tinygemm_int4", "method.fuse_projections=false")
+
+
+def test_hqq_on_tinygemm_computes_what_hqq_computes(small, hqq_tinygemm_unfused, tmp_path):
     """hqq's codes, scales and zeros repacked for torch's int4 matmul (its CPU layout here, the CUDA one on a
     GPU): the same logits as hqq's own dequantize-then-matmul, up to tinygemm's bfloat16 scales."""
     reference, _ = quantized(small, tmp_path / "pytorch", "method=hqq", "bits=4", "group_size=64")
-    model, report = quantized(small, tmp_path / "tinygemm", "method=hqq", "bits=4", "group_size=64",
-                              "method.kernel=tinygemm_int4", "method.fuse_projections=false")
+    model, report = hqq_tinygemm_unfused
     targets = quantizable_linears(small[0])
     assert report.kernel.startswith("tinygemm_int4") and f"({len(targets)} layers)" in report.kernel
     assert {type(model.get_submodule(name)).__name__ for name in targets} == {"TinyGemmInt4Linear"}
@@ -161,10 +168,9 @@ def test_hqq_on_tinygemm_computes_what_hqq_computes(small, tmp_path):
     assert kl_from_reference(model, small) == pytest.approx(kl_from_reference(reference, small), rel=0.1)
 
 
-def test_hqq_on_tinygemm_fuses_qkv_and_gate_up_without_changing_the_logits(small, tmp_path):
+def test_hqq_on_tinygemm_fuses_qkv_and_gate_up_without_changing_the_logits(small, hqq_tinygemm_unfused, tmp_path):
     """The default on tinygemm: one int4 matmul for q/k/v and one for gate/up per layer, as GPTQ's."""
-    separate, _ = quantized(small, tmp_path / "separate", "method=hqq", "bits=4", "group_size=64",
-                            "method.kernel=tinygemm_int4", "method.fuse_projections=false")
+    separate, _ = hqq_tinygemm_unfused
     model, report = quantized(small, tmp_path / "fused", "method=hqq", "bits=4", "group_size=64",
                               "method.kernel=tinygemm_int4")
     layers = len(model.model.layers)
