@@ -13,11 +13,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from sweep.config.schema import SweepConfig, register_configs
+from sweep.infra.hardware import cpu_has_bf16
 from sweep.validation.fields import to_sweep_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 register_configs()
+
+# The dtypes a CPU test runs the model in: float32 always, bfloat16 where the cores have it.
+CPU_DTYPES = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
 
 
 def make_config(*overrides: str) -> SweepConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import CPU_DTYPES, make_config
 from sweep.data import calibration
 from sweep.infra.hardware import cpu_has_bf16
 from sweep.infra.progress import Progress
@@ -14,8 +14,6 @@ from sweep.models.loading import load_model, resolve_dtype
 from sweep.quant.gptq_solver import HessianAccumulator, gptq_quantize
 from sweep.quant.layers import (capture_first_layer_inputs, decoder_layers, quantizable_linears, run_layer,
                                 sequential_groups)
-
-DTYPES = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
 
 
 def test_auto_dtype_follows_the_cpu_and_explicit_dtypes_win():
@@ -45,7 +43,7 @@ def _reference_gptq(model, samples, cfg, batch_tokens):
         inputs.hidden = run_layer(layer, inputs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_fast_gptq_calibration_gives_the_reference_weights_bit_for_bit(dtype, embedded_model_dir):
     """Stopping each calibration pass once a group has its inputs, one Hessian per shared input and
     stacked solves change what is computed, not how: every weight must equal the reference's. The

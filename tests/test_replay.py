@@ -8,17 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_config
+from conftest import CPU_DTYPES, make_config
 from sweep.data import calibration
-from sweep.infra.hardware import cpu_has_bf16
 from sweep.infra.progress import Progress
 from sweep.models.loading import load_model
 from sweep.quant import sequential
 from sweep.quant.gptq_solver import gptq_quantize
 from sweep.quant.layers import decoder_checksum, quantizable_linears
 from sweep.quant.replay import OutputReplay, finished_modules
-
-DTYPES = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
 
 
 class _Block(nn.Module):
@@ -105,7 +102,7 @@ def _calibrate(model, samples, replay: bool):
     return sequence, hessians
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_replay_gives_the_bits_of_full_recomputation_and_multiplies_each_sample_once_per_linear(
         dtype, embedded_model_dir):
     cfg = make_config("model=smollm2-135m-4l", f"model.dtype={dtype}", "calibration.nsamples=4",

@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import CPU_DTYPES, make_config
 from sweep.data import calibration
-from sweep.infra.hardware import cpu_has_bf16
 from sweep.measure.scored_lm import batch_first_scored, first_scored_positions
 from sweep.models.loading import load_model
-
-DTYPES = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
 
 
 def test_first_scored_positions_follow_lm_eval_s_truncation():
@@ -43,7 +40,7 @@ def _requests(tokenizer):
     return lambada, rolling
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_scored_positions_give_lm_eval_s_log_likelihoods_bit_for_bit(dtype, embedded_model_dir, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 

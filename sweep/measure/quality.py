@@ -1,8 +1,8 @@
 """Quality through lm-eval: WikiText-2 perplexities and LAMBADA perplexity/accuracy of the in-memory model.
 
 The model object itself goes to lm-eval (`HFLM(pretrained=<model>)`, as sweep/measure/scored_lm.py's
-subclass), so what is scored is exactly what was quantized, with no save/reload in between. Tasks come from sweep/data/tasks
-(the vendored data), so nothing is downloaded.
+subclass), so what is scored is exactly what was quantized, with no save/reload in between. Tasks come
+from sweep/data/tasks (the vendored data), so nothing is downloaded.
 
 Each task also returns its per-item results (lm-eval's logged samples: one entry per WikiText
 document, one per LAMBADA passage), from which every metric gets a 95% bootstrap interval

@@ -61,7 +61,7 @@ class SequentialCalibration:
                 handles = [linears[o].register_forward_pre_hook(lambda mod, args, o=o: hessians[o].add(args[0]))
                            for o in hessians]
                 try:
-                    with replay.running(finished_modules(layer, targets, finished)) if replay else nullcontext():
+                    with _replaying(replay, layer, targets, finished):
                         run_layer_until(layer, self.inputs, [linears[o] for o in hessians])
                 finally:
                     for h in handles:
@@ -72,7 +72,7 @@ class SequentialCalibration:
                 del hessians
                 finished.update(linears[n] for n in group)
             # The next layer calibrates on what this quantized layer really outputs.
-            with replay.running(finished_modules(layer, targets, finished)) if replay else nullcontext():
+            with _replaying(replay, layer, targets, finished):
                 self.inputs.hidden = run_layer(layer, self.inputs)
             if replay:
                 replay.clear()
@@ -85,3 +85,8 @@ class SequentialCalibration:
         if replay_bytes(linears.values(), tokens, sample.element_size()) > MAX_REPLAY_BYTES:
             return None
         return self.replay
+
+
+def _replaying(replay: Optional[OutputReplay], layer: nn.Module, targets: set, finished: set):
+    """A pass through `layer` with its finished parts replayed (or plain, without replay)."""
+    return replay.running(finished_modules(layer, targets, finished)) if replay else nullcontext()
