@@ -1,5 +1,5 @@
-"""lm-eval scoring with the log-softmax taken only where a batch scores (sweep/measure/scored_lm.py): the
-same log-likelihoods, bit for bit, as lm-eval's own HFLM."""
+"""lm-eval scoring with the head and the log-softmax run only where a batch scores (sweep/measure/scored_lm.py):
+the same log-likelihoods, bit for bit, as lm-eval's own HFLM."""
 from __future__ import annotations
 
 import json
@@ -44,6 +44,7 @@ def _requests(tokenizer):
 def test_scored_positions_give_lm_eval_s_log_likelihoods_bit_for_bit(dtype, embedded_model_dir, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
+    from sweep.measure import scored_lm
     from sweep.measure.quality import make_lm
 
     cfg = make_config("model=smollm2-135m-4l", f"model.dtype={dtype}", "eval.max_length=512")
@@ -56,10 +57,27 @@ def test_scored_positions_give_lm_eval_s_log_likelihoods_bit_for_bit(dtype, embe
     log_softmax = torch.nn.functional.log_softmax
     monkeypatch.setattr(torch.nn.functional, "log_softmax",
                         lambda x, *a, **k: normalised.append(x.shape[-2]) or log_softmax(x, *a, **k))
+    headed = []       # positions the head runs over
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: headed.append(args[0].shape[-2]))
+
+    def positions(counted):
+        total = sum(counted)
+        counted.clear()
+        return total
+
     got = ours.loglikelihood(lambada)
-    ours_positions = sum(normalised)
-    normalised.clear()
+    ours_normalised, ours_headed = positions(normalised), positions(headed)
     want = theirs.loglikelihood(lambada)
+    theirs_normalised, theirs_headed = positions(normalised), positions(headed)
     assert got == want
-    assert ours_positions * 4 < sum(normalised)   # most positions of a LAMBADA passage are not scored
+    # most positions of a LAMBADA passage are not scored: neither normalised nor run through the head
+    assert ours_normalised * 4 < theirs_normalised
+    assert ours_headed * 4 < theirs_headed
     assert ours.loglikelihood_rolling(rolling) == theirs.loglikelihood_rolling(rolling)
+    positions(normalised), positions(headed)
+
+    # A model whose forward does not take logits_to_keep: the head runs everywhere, the logits are sliced.
+    monkeypatch.setattr(scored_lm, "_takes_logits_to_keep", lambda model: False)
+    assert ours.loglikelihood(lambada) == want
+    assert positions(headed) == theirs_headed
+    assert positions(normalised) == ours_normalised

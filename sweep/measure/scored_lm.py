@@ -1,12 +1,16 @@
-"""lm-eval's HF model, with the log-softmax taken only from the first position a batch scores.
+"""lm-eval's HF model, with the head and the log-softmax run only from the first position a batch scores.
 
-lm-eval runs the log-softmax over every position of every batch (in float32: sweep asks for it,
-sweep/measure/quality.py), while a LAMBADA passage scores only its last word, so about nine tenths of that
-work, and of the float32 copy of the logits it makes, is thrown away. `ScoredPositionsLM` hands lm-eval
-the logits from the first position any row of the batch scores. lm-eval already accepts logits shorter
-or longer than its input (it shifts its slicing by the difference, which it does for the virtual tokens
-of prefix tuning), and a log-softmax is computed row by row, so every score is the same bits as before:
-the model and its head still run over every position, only the discarded rows are not normalised.
+lm-eval runs the model's head and the log-softmax over every position of every batch (the log-softmax in
+float32: sweep asks for it, sweep/measure/quality.py), while a LAMBADA passage scores only its last word,
+so about nine tenths of that work, and of the float32 copy of the logits it makes, is thrown away.
+`ScoredPositionsLM` hands lm-eval the logits from the first position any row of the batch scores; on a
+CPU it asks the model for those positions only (transformers' `logits_to_keep`, where the model's forward
+takes it). lm-eval already accepts logits shorter or longer than its input (it shifts its slicing by the
+difference, which it does for the virtual tokens of prefix tuning). The decoder layers still run over every
+position. A log-softmax is row by row, and torch's CPU matmuls compute a row the same way however many rows
+the product has, so every score is the same bits as before (tests/test_scored_lm.py checks both against
+lm-eval's HFLM, per dtype, on the machine that runs it). On a GPU the head keeps lm-eval's shape: cuBLAS
+picks its kernel, and with it the order of a dot product's sum, by the matrix shape.
 
 Which position a row scores from is lm-eval's own arithmetic on its requests (input = the last
 max_length tokens of context + continuation, minus the final one; scored = its last len(continuation)
@@ -14,6 +18,7 @@ positions). Rows that cannot be matched to a request keep the whole batch's logi
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -68,8 +73,29 @@ class ScoredPositionsLM(HFLM):
             self._first_scored = None
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        if not self._first_scored or logits.dim() != 3 or logits.shape[1] != inps.shape[1]:
-            return logits
+        if not self._first_scored or attn_mask is not None or inps.dim() != 2:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         first = batch_first_scored(inps.tolist(), self._first_scored)
-        return logits[:, first:] if first else logits
+        if first and self.device.type == "cpu" and _takes_logits_to_keep(self.model):
+            # The head only over the positions kept; lm-eval's own call (its no_grad and autocast) unchanged.
+            keep = inps.shape[1] - first
+            handle = self.model.register_forward_pre_hook(
+                lambda module, args, kwargs: (args, {**kwargs, "logits_to_keep": keep}), with_kwargs=True)
+            try:
+                logits = super()._model_call(inps)
+            finally:
+                handle.remove()
+        else:
+            logits = super()._model_call(inps)
+        if logits.dim() == 3 and logits.shape[1] == inps.shape[1] and first:
+            return logits[:, first:]
+        return logits
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward names `logits_to_keep` (transformers' causal LMs since 4.50; a wrapped
+    forward of *args/**kwargs does not count, since what it passes on is unknown)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
