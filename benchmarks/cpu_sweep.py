@@ -17,8 +17,10 @@ phases into achieved FLOP/s from the model's shapes:
   group has its inputs, each linear's product computed once) plus the Hessian products, per
   calibration token; the solver's column loop
   is not counted (its arithmetic is small; its time is per-column overhead);
-- eval: every scored token through every decoder linear and the LM head (attention scores are not
-  counted: under 20% of the work at these lengths).
+- eval: every evaluated token through every decoder linear, and the LM head over the positions that are
+  scored (every WikiText token, each LAMBADA passage's last word: on a CPU the head runs from a batch's
+  first scored position, sweep/measure/scored_lm.py, so this slightly undercounts); attention scores are
+  not counted (under 20% of the work at these lengths).
 
 Writes benchmarks/results/cpu-<date>.csv (or --out), the commands' wall times on every row, and prints a
 Markdown table for docs/benchmarks.md.
@@ -83,21 +85,24 @@ def quantize_flops_per_token(s: dict) -> float:
     return 2 * s["layers"] * (linears + hessians)
 
 
-def eval_flops_per_token(s: dict) -> float:
+def eval_flops(s: dict, tokens: int, scored: int) -> float:
+    """Every evaluated token through the decoder linears; the scored positions through the head too."""
     h, i, kv = s["h"], s["i"], s["kv"]
-    return 2 * (s["layers"] * (h * (h + 2 * kv) + h * h + 3 * h * i) + h * s["vocab"])
+    return 2 * (tokens * s["layers"] * (h * (h + 2 * kv) + h * h + 3 * h * i) + scored * h * s["vocab"])
 
 
-def eval_tokens(model_dir: Path, limit_wikitext: int = 2, limit_lambada: int = 200) -> int:
+def eval_tokens(model_dir: Path, limit_wikitext: int = 2, limit_lambada: int = 200) -> tuple:
+    """(evaluated tokens, scored positions) of eval=quick: WikiText scores every token, LAMBADA its last word."""
     from transformers import AutoTokenizer
 
     from sweep.data.vendored import data_file, wikitext_documents
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     wikitext = sum(len(tok(d).input_ids) for d in wikitext_documents()[:limit_wikitext])
-    lines = data_file("lambada_openai.test.jsonl").read_text().splitlines()[:limit_lambada]
-    lambada = sum(len(tok(json.loads(line)["text"]).input_ids) for line in lines)
-    return wikitext + lambada
+    texts = [json.loads(line)["text"] for line in data_file("lambada_openai.test.jsonl").read_text().splitlines()[:limit_lambada]]
+    lambada = sum(len(tok(text).input_ids) for text in texts)
+    last_words = sum(len(tok(text).input_ids) - len(tok(text.rsplit(" ", 1)[0]).input_ids) for text in texts)
+    return wikitext + lambada, wikitext + last_words
 
 
 def run(cmd, dry_run: bool) -> float:
@@ -120,7 +125,7 @@ def main() -> int:
     args = ap.parse_args()
     model_dir = default_model_dir()
     shapes = model_shapes(model_dir)
-    tokens = eval_tokens(model_dir)
+    tokens, scored = eval_tokens(model_dir)
     rows, walls = [], []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
@@ -150,7 +155,7 @@ def main() -> int:
             if calib_tokens and m.get("time.quantize_s"):
                 row["quantize_gflops"] = quantize_flops_per_token(shapes) * calib_tokens / m["time.quantize_s"] / 1e9
             if m.get("time.eval_s"):
-                row["eval_gflops"] = eval_flops_per_token(shapes) * tokens / m["time.eval_s"] / 1e9
+                row["eval_gflops"] = eval_flops(shapes, tokens, scored) / m["time.eval_s"] / 1e9
             row["matmul_peak_gflops"] = peak
             rows.append(row)
     if args.dry_run:
