@@ -102,8 +102,8 @@ def eval_tokens(model_dir: Path, limit_wikitext: int = 2, limit_lambada: int = 2
     lines = data_file("lambada_openai.test.jsonl").read_text().splitlines()[:limit_lambada]
     texts = [json.loads(line)["text"] for line in lines]
     lambada = sum(len(tok(text).input_ids) for text in texts)
-    last_words = sum(len(tok(text).input_ids) - len(tok(text.rsplit(" ", 1)[0]).input_ids) for text in texts)
-    return wikitext + lambada, wikitext + last_words
+    contexts = sum(len(tok(text.rsplit(" ", 1)[0]).input_ids) for text in texts)   # all but the last word
+    return wikitext + lambada, wikitext + lambada - contexts
 
 
 def run(cmd, dry_run: bool) -> float:
