@@ -7,7 +7,7 @@ import torch
 from sweep.quant.grid import fit_grid, qdq_rtn
 from sweep.quant.storage import storage_bits_per_weight
 from sweep.quant import gptq_columns, gptq_solver
-from sweep.quant.gptq_solver import HessianAccumulator, _upper_cholesky_of_inverse, gptq_quantize
+from sweep.quant.gptq_solver import HessianAccumulator, RowBuffer, _upper_cholesky_of_inverse, gptq_quantize
 
 
 def _weight(rows=64, cols=256, seed=0):
@@ -120,6 +120,29 @@ def test_hessian_of_bfloat16_inputs_is_the_float32_hessian_of_their_values_howev
     assert one_by_one.nsamples == batched.nsamples == 300 and batched.H.dtype == torch.float32
     assert torch.equal(one_by_one.H, batched.H) and torch.equal(batched.H, batched.H.t())
     assert torch.allclose(batched.H.double(), closed, rtol=1e-5, atol=1e-5 * float(closed.abs().max()))
+
+def test_bfloat16_rows_gathered_in_a_shared_buffer_give_the_hessian_of_the_rows_concatenated(monkeypatch):
+    # Sequential calibration hands one RowBuffer from group to group (sweep/quant/sequential.py): a buffer
+    # left larger and dirty by a wider layer's rows, and grown while rows are pending, must give the bits of
+    # H summed from the rows concatenated per product (the float32 copies torch.cat joined before).
+    monkeypatch.setattr(gptq_solver, "HESSIAN_ROWS_PER_PRODUCT", 128)  # flushes at 150 and 300 rows, growing
+    cpu = torch.device("cpu")
+    x = _calibration(96, 6 * 50).to(torch.bfloat16).reshape(6, 50, 96)
+    shared = RowBuffer()
+    wider = HessianAccumulator(160, cpu, shared)
+    wider.add(_calibration(160, 400).to(torch.bfloat16).reshape(4, 100, 160))
+    assert wider.H.shape == (160, 160)
+    reused, fresh = HessianAccumulator(96, cpu, shared), HessianAccumulator(96, cpu)
+    for sample in x:
+        reused.add(sample.unsqueeze(0))
+        fresh.add(sample.unsqueeze(0))
+    want = torch.zeros(96, 96)
+    for done, rows in ((0, x[:3]), (150, x[3:])):   # the two products, as 2/n-weighted running sums
+        total = done + 150
+        want *= done / total
+        want.add_(gptq_solver._gram(torch.cat([r.float() for r in rows])), alpha=2.0 / total)
+    assert torch.equal(reused.H, want) and torch.equal(fresh.H, want)
+
 
 @pytest.mark.parametrize("bits, sym", [(1, True), (2, False), (3, True), (4, False), (8, True)])
 def test_compiled_gptq_column_loop_computes_the_torch_loops_bits(bits, sym):

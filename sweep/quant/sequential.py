@@ -3,8 +3,8 @@
 Block by block through the model: each decoder layer sees the outputs of the already-quantized
 layers before it (sequential), and within a layer the linears come in execution order
 (true-sequential: q/k/v, then o, then gate/up, then down), each group's Hessian accumulated on
-the outputs of the groups the caller has already quantized. Those groups' outputs are computed once
-per layer and replayed on its later passes (sweep/quant/replay.py).
+the outputs of the groups the caller has already quantized. Those groups' outputs, and the layer's
+norms, are computed once per layer and replayed on its later passes (sweep/quant/replay.py).
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from sweep.quant.gptq_solver import HessianAccumulator
+from sweep.quant.gptq_solver import HessianAccumulator, RowBuffer
 from sweep.quant.layers import (LayerInputs, capture_first_layer_inputs, decoder_layers, run_layer, run_layer_until,
                                 sequential_groups)
-from sweep.quant.replay import MAX_REPLAY_BYTES, OutputReplay, finished_modules, replay_bytes
+from sweep.quant.replay import MAX_REPLAY_BYTES, OutputReplay, finished_modules, replay_bytes, untargeted_children
 
 
 @dataclass
@@ -40,6 +40,7 @@ class SequentialCalibration:
         # Replay pays with true-sequential groups, where each pass runs the groups solved before it;
         # with one group per layer nothing is finished before the output pass.
         self.replay = OutputReplay() if replay and true_sequential else None
+        self._row_buffers: List[RowBuffer] = []   # the i-th accumulator of every group gathers its rows in the i-th
 
     @torch.no_grad()
     def groups(self, progress, label: str) -> Iterator[HessianGroup]:
@@ -49,15 +50,15 @@ class SequentialCalibration:
             layer, start = layers[index], f"{prefix}.{index}."
             linears = {n[len(start):]: m for n, m in self.linears.items() if n.startswith(start)}
             groups = sequential_groups(layer, self.inputs, linears) if self.true_sequential else [list(linears)]
-            replay = self._replay_for(linears)
+            replay = self._replay_for(layer, linears)
             targets, finished = set(linears.values()), set()   # finished: linears of the groups already solved
             for group in groups:
                 # A true-sequential group's linears receive one and the same tensor (that is how they
                 # were grouped), so they share one Hessian: accumulated once, from the first of them,
                 # and the layer can stop as soon as that one's input arrives.
                 owners = {n: group[0] if self.true_sequential else n for n in group}
-                hessians = {o: HessianAccumulator(linears[o].in_features, linears[o].weight.device)
-                            for o in set(owners.values())}
+                hessians = {o: HessianAccumulator(linears[o].in_features, linears[o].weight.device, self._row_buffer(i))
+                            for i, o in enumerate(dict.fromkeys(owners.values()))}
                 handles = [linears[o].register_forward_pre_hook(lambda mod, args, o=o: hessians[o].add(args[0]))
                            for o in hessians]
                 try:
@@ -77,16 +78,25 @@ class SequentialCalibration:
             if replay:
                 replay.clear()
 
-    def _replay_for(self, linears: Dict[str, nn.Linear]) -> Optional[OutputReplay]:
+    def _row_buffer(self, index: int) -> RowBuffer:
+        while len(self._row_buffers) <= index:
+            self._row_buffers.append(RowBuffer())
+        return self._row_buffers[index]
+
+    def _replay_for(self, layer: nn.Module, linears: Dict[str, nn.Linear]) -> Optional[OutputReplay]:
         if self.replay is None or not linears:
             return None
         sample = self.inputs.hidden[0]
         tokens = sum(h.numel() // h.shape[-1] for h in self.inputs.hidden)
-        if replay_bytes(linears.values(), tokens, sample.element_size()) > MAX_REPLAY_BYTES:
+        norms = len(untargeted_children(layer, set(linears.values())))
+        if replay_bytes(linears.values(), tokens, sample.element_size(), sample.shape[-1], norms) > MAX_REPLAY_BYTES:
             return None
         return self.replay
 
 
 def _replaying(replay: Optional[OutputReplay], layer: nn.Module, targets: set, finished: set):
-    """A pass through `layer` with its finished parts replayed (or plain, without replay)."""
-    return replay.running(finished_modules(layer, targets, finished)) if replay else nullcontext()
+    """A pass through `layer` with its finished parts and its norms replayed (or plain, without replay)."""
+    if replay is None:
+        return nullcontext()
+    parts = finished_modules(layer, targets, finished) + untargeted_children(layer, targets)
+    return replay.running(layer, parts, unfinished=targets - finished)
