@@ -213,3 +213,34 @@ def test_replay_is_skipped_when_a_layer_s_outputs_would_not_fit(embedded_model_d
     with torch.no_grad():
         sequence, _ = _calibrate(model, samples, replay=True)
     assert sequence.replay.replayed == 0 and sequence.replay.computed == 0
+
+
+class _PartTwice(nn.Module):
+    """A part holding a target linear, called twice per sample with another target linear between its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.part = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.gate = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.part(self.gate(self.part(x)))
+
+
+def test_a_replayed_part_s_own_linears_are_not_replayed_on_a_later_call_of_that_part():
+    # The gate's pass records the part's first call, and the part's linear inside it, then stops at the gate.
+    # The output pass replays the part's first call (its linear is not called) and computes the second; the
+    # linear's first record there is from the part's first call, not this one, and must not be replayed.
+    torch.manual_seed(0)
+    layer, hidden = _PartTwice(), [torch.randn(3, 8) for _ in range(3)]
+    linear, targets = layer.part[0], {layer.part[0], layer.gate}
+    inputs = LayerInputs(hidden=hidden, kwargs=[{}] * 3)
+    replay = OutputReplay()
+    with torch.no_grad():
+        with replay.running(layer, [layer.part, linear], unfinished={layer.gate}):
+            run_layer_until(layer, inputs, [layer.gate])
+        want = [layer(h) for h in hidden]
+        with replay.running(layer, [layer.part, linear, layer.gate]):
+            got = [layer(h) for h in hidden]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert replay.replayed == 3   # the part's first calls only

@@ -46,11 +46,11 @@ class RowBuffer:
 class HessianAccumulator:
     """Running H = 2/n Σ x xᵀ over every row of every input batch seen so far."""
 
-    def __init__(self, in_features: int, device: torch.device, rows: Optional[RowBuffer] = None):
+    def __init__(self, in_features: int, device: torch.device, row_buffer: Optional[RowBuffer] = None):
         self._H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
         self.nsamples = 0        # rows added
         self._summed = 0         # rows already in _H
-        self._rows = rows if rows is not None else RowBuffer()
+        self._rows = row_buffer if row_buffer is not None else RowBuffer()
         self._pending = 0        # half-precision rows gathered (as float32) in self._rows, not yet in _H
 
     @property

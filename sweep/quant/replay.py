@@ -91,7 +91,12 @@ class _Record(NamedTuple):
 class OutputReplay:
     """Per decoder layer: `with replay.running(layer, modules, unfinished):` runs the layer (once per
     calibration sample, the samples in the same order on every pass) with each of `modules` (parts whose
-    outputs will not change again) replayed where recorded and recorded where not."""
+    outputs will not change again) replayed where recorded and recorded where not. No record is taken on a
+    sample after one of `unfinished` (linears not yet quantized) has started on it.
+
+    A call is matched to its record by sample and by its position among the module's calls on that sample.
+    A replayed call skips the calls it would have made inside; so that a later call of the same module
+    cannot offset its parts' positions, the parts of a replayed module compute for the rest of the sample."""
 
     def __init__(self) -> None:
         # module → sample index → its calls on that sample, in order
@@ -101,6 +106,8 @@ class OutputReplay:
         self._sample = -1
         self._calls: Dict[nn.Module, int] = {}
         self._final = True  # no linear of `unfinished` has started on this sample yet
+        self._inside: Dict[nn.Module, List[nn.Module]] = {}   # module → the other `modules` it contains
+        self._unmatched: Set[nn.Module] = set()   # parts of a module replayed on this sample: computed
 
     @contextmanager
     def running(self, layer: nn.Module, modules: Iterable[nn.Module],
@@ -108,6 +115,9 @@ class OutputReplay:
         self._sample = -1
         handles = [layer.register_forward_pre_hook(self._next_sample)]
         handles += [m.register_forward_pre_hook(self._not_final) for m in unfinished]
+        modules = list(modules)
+        chosen = set(modules)
+        self._inside = {m: [d for d in m.modules() if d is not m and d in chosen] for m in modules}
         patched = []
         try:
             for module in modules:
@@ -135,6 +145,7 @@ class OutputReplay:
     def _next_sample(self, layer, args) -> None:
         self._sample += 1
         self._calls.clear()
+        self._unmatched.clear()
         self._final = True
 
     def _not_final(self, module, args) -> None:
@@ -147,8 +158,7 @@ class OutputReplay:
 
     def _recorder(self, module, args, kwargs, output) -> None:
         self.computed += 1
-        self._call_index(module)
-        tensors = _tensors(output) if self._final else None
+        tensors = _tensors(output) if self._final and module not in self._unmatched else None
         # Every call gets an entry, so that later calls stay aligned; one that may not be replayed holds None.
         record = _Record(None, None, None) if tensors is None else _Record(
             output, [t._version for t in tensors], _first_input_shape(args, kwargs))
@@ -160,11 +170,12 @@ class OutputReplay:
         def forward(*args, **kwargs):
             index = self._call_index(module)
             records = samples.get(self._sample, ())
-            if index < len(records):
+            if index < len(records) and module not in self._unmatched:
                 record = records[index]
                 if (record.versions is not None and [t._version for t in _tensors(record.output)] == record.versions
                         and _first_input_shape(args, kwargs) == record.shape):
                     self.replayed += 1
+                    self._unmatched.update(self._inside[module])
                     return record.output
             self.computed += 1
             return compute(*args, **kwargs)

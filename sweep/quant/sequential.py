@@ -40,7 +40,8 @@ class SequentialCalibration:
         # Replay pays with true-sequential groups, where each pass runs the groups solved before it;
         # with one group per layer nothing is finished before the output pass.
         self.replay = OutputReplay() if replay and true_sequential else None
-        self._row_buffers: List[RowBuffer] = []   # the i-th accumulator of every group gathers its rows in the i-th
+        # One per accumulator of a group: the i-th accumulator of every group gathers its rows in the i-th buffer.
+        self._row_buffers: List[RowBuffer] = []
 
     @torch.no_grad()
     def groups(self, progress, label: str) -> Iterator[HessianGroup]:
