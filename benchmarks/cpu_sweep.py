@@ -22,8 +22,8 @@ phases into achieved FLOP/s from the model's shapes:
   first scored position, sweep/measure/scored_lm.py, so this slightly undercounts); attention scores are
   not counted (under 20% of the work at these lengths).
 
-Writes benchmarks/results/cpu-<date>.csv (or --out), the commands' wall times on every row, and prints a
-Markdown table for docs/benchmarks.md.
+Writes benchmarks/results/cpu-<date>.csv (or --out), the commands' wall times, the CPU's model and its bfloat16
+instructions on every row, and prints a Markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sweep.config.schema import SweepConfig, TrackingConfig  # noqa: E402
-from sweep.infra.hardware import cpu_has_bf16  # noqa: E402
+from sweep.infra.hardware import bf16_instructions, cpu_has_bf16, cpu_model  # noqa: E402
 from sweep.models.embedded import embedded_model_dir  # noqa: E402
 from sweep.tracking.tracker import Tracker, point_runs  # noqa: E402
 
@@ -141,7 +141,9 @@ def main() -> int:
                    f"hydra.run.dir={Path(args.store) / name / 'one'}"], args.dry_run)
         grid = run([sys.executable, "-m", "sweep", *GRID, *common, f"tracking.uri={uris['grid']}",
                     f"hydra.sweep.dir={Path(args.store) / name / 'grid'}", "-m"], args.dry_run)
-        walls.append({"dtype": name, "matmul_gflops": peak, "one_point_wall_s": one, "grid_wall_s": grid})
+        # Which CPU: the same 2-core machine type has been an Intel Xeon with AMX and an AMD EPYC without it.
+        walls.append({"dtype": name, "matmul_gflops": peak, "one_point_wall_s": one, "grid_wall_s": grid,
+                      "cpu": cpu_model(), "bf16_instructions": bf16_instructions()})
         if args.dry_run:
             continue
         runs = [(part, r) for part, uri in uris.items()

@@ -7,7 +7,7 @@ import torch
 
 from conftest import CPU_DTYPES, make_config
 from sweep.data import calibration
-from sweep.infra.hardware import cpu_has_bf16
+from sweep.infra.hardware import bf16_instructions, cpu_has_bf16, cpu_model, first_processor
 from sweep.infra.progress import Progress
 from sweep.methods import get_method
 from sweep.models.loading import load_model, resolve_dtype
@@ -20,6 +20,33 @@ def test_auto_dtype_follows_the_cpu_and_explicit_dtypes_win():
     assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     assert resolve_dtype("float32", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.float16
+
+
+# Two processors' blocks as a VM shows them: the first one names the machine.
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni
+
+processor\t: 1
+model name\t: something else
+flags\t\t: fpu
+"""
+
+
+def test_the_cpu_is_named_with_its_generation_and_its_bf16_instructions():
+    fields = first_processor(AMD_CPUINFO)
+    assert cpu_model(fields) == "AMD EPYC (family 25, model 17)"
+    flags = frozenset(fields["flags"].split())
+    assert bf16_instructions(flags) == "avx512_bf16"
+    assert bf16_instructions(flags | {"amx_bf16", "amx_tile"}) == "amx_bf16,avx512_bf16"
+    assert bf16_instructions(frozenset({"avx2"})) == "none"
+    # No /proc/cpuinfo (not Linux): a name from the platform module, never an empty tag.
+    assert first_processor("") == {} and cpu_model({})
+    # This machine: the run tags say the same as the flags sweep chose its dtype by.
+    assert (bf16_instructions() != "none") == cpu_has_bf16()
 
 
 def _reference_gptq(model, samples, cfg, batch_tokens):

@@ -57,7 +57,7 @@ def test_child_runs_hold_params_metrics_tags_and_artifacts(store):
         assert m["memory.decode_read_mb"] == pytest.approx(m["memory.weights_mb"])
         tags = run.data.tags
         for key in ("backend", "weights", "device", "git.sha", "version.torch", "version.lm_eval", "calibration",
-                    "dtype", "sweep.config_hash"):
+                    "dtype", "sweep.config_hash", "host.cpu", "cpu.bf16_instructions"):
             assert tags.get(key), key
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "samples.json", "lm_eval_results.json", "eval_items.json"} <= artifacts

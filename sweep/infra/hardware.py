@@ -1,8 +1,12 @@
 """What this machine's CPU can do, and the thread settings sweep chooses for it.
 
-- `cpu_has_bf16`: AVX-512 BF16 or AMX instructions, on which bfloat16 matmuls run several times
-  faster than float32 (a 8192×576 @ 576×1536 matmul on the 2-core machines sweep is tested on:
-  ~230 GFLOP/s fp32 vs ~2,300-2,500 GFLOP/s bf16 through AMX; benchmarks/cpu_sweep.py). `model.dtype=auto` picks bfloat16 on such CPUs.
+- `cpu_has_bf16`: AVX-512 BF16 or AMX instructions, on which bfloat16 matmuls run faster than float32
+  (a 8192×576 @ 576×1536 matmul on the 2-core machines sweep is tested on, benchmarks/cpu_sweep.py:
+  ~230 GFLOP/s fp32 vs ~2,300-2,500 bf16 on an Intel Xeon with AMX; ~155-190 fp32 vs ~420 bf16 on an
+  AMD EPYC with AVX-512 BF16 and no AMX). `model.dtype=auto` picks bfloat16 on such CPUs.
+- `cpu_model`, `bf16_instructions`: which CPU ran a job and which of those instructions it has (run
+  tags `host.cpu`, `cpu.bf16_instructions`): the same 2-core machine type has been either CPU, and
+  a bfloat16 run's speed differs about fivefold between them.
 - `configure_threads`: torch's intra-op threads = physical cores (hyper-threads share a core's
   matrix units, so more threads only add contention), one inter-op thread (sweep runs one model at
   a time), and no tokenizer thread pool beside them (HF tokenizers would otherwise spawn one per
@@ -20,20 +24,54 @@ from typing import Dict
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def first_processor(cpuinfo: str) -> Dict[str, str]:
+    """The first processor's fields of a /proc/cpuinfo text ("flags", "model name", "cpu family", ...)."""
+    fields: Dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough: a VM's cores are alike
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 @lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
+def _cpuinfo() -> Dict[str, str]:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return first_processor(Path("/proc/cpuinfo").read_text())
     except OSError:  # not Linux: no flags known, so no bf16 claimed
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        return {}
+
+
+def cpu_flags() -> frozenset:
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def cpu_has_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def bf16_instructions(flags: frozenset | None = None) -> str:
+    """The bfloat16 matrix instructions the cores have ("amx_bf16,avx512_bf16", "avx512_bf16", "none")."""
+    flags = cpu_flags() if flags is None else flags
+    return ",".join(flag for flag in sorted(BF16_FLAGS) if flag in flags) or "none"
+
+
+def cpu_model(fields: Dict[str, str] | None = None) -> str:
+    """The CPU's model name with its family and model ("AMD EPYC (family 25, model 17)": a VM may show only
+    the vendor's line, and the family and model still tell the generation); elsewhere what `platform` knows
+    (often only the architecture)."""
+    import platform
+
+    fields = _cpuinfo() if fields is None else fields
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def physical_cores() -> int:

@@ -10,13 +10,13 @@ from typing import Any, Dict
 
 import torch
 
-from sweep.infra.hardware import cpu_has_bf16
+from sweep.infra.hardware import bf16_instructions, cpu_has_bf16, cpu_model
 
 PACKAGES = ("torch", "transformers", "lm_eval", "mlflow", "hydra-core", "gptqmodel", "auto-round")
 
 
 def environment_tags(device: str) -> Dict[str, Any]:
-    tags: Dict[str, Any] = {"python": platform.python_version(), "host.cpu": platform.processor() or platform.machine()}
+    tags: Dict[str, Any] = {"python": platform.python_version(), "host.cpu": cpu_model()}
     for pkg in PACKAGES:
         try:
             tags[f"version.{pkg}"] = md.version(pkg)
@@ -28,6 +28,7 @@ def environment_tags(device: str) -> Dict[str, Any]:
     tags["git.sha"] = git_sha()
     tags.update(threads=torch.get_num_threads(), **{"threads.inter_op": torch.get_num_interop_threads(),
                                                    "cpu.bf16": str(cpu_has_bf16()).lower(),
+                                                   "cpu.bf16_instructions": bf16_instructions(),
                                                    "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "")})
     return tags
 
