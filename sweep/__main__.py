@@ -16,10 +16,9 @@ from sweep.infra.gpu_pool import register_resolver
 from sweep.infra.determinism import set_cublas_workspace
 from sweep.infra.hardware import configure_threads
 from sweep.infra.interrupts import sigterm_as_interrupt
-from sweep.infra.preload import preload
 from sweep.models.loading import resolve_device
 from sweep.pipeline.objective import FAILED, describe, objective
-from sweep.pipeline.run import run_point
+from sweep.pipeline.run import preload_libraries, run_point
 from sweep.pipeline.summary import print_point_summary
 from sweep.pipeline.sweeps import is_grid, sweep_context
 from sweep.validation.fields import to_sweep_config
@@ -29,10 +28,6 @@ from sweep.validation.model_fit import check_against_model
 set_cublas_workspace()  # before anything starts CUDA: deterministic cuBLAS reductions (sweep/infra/determinism.py)
 register_configs()
 register_resolver()  # ${sweep_gpu_count:}, ${sweep_gpus_per_job:} in conf/hydra/launcher/
-
-# What every run imports (the model's code, the tracking store), and lm-eval where it evaluates.
-RUN_LIBRARIES = ("transformers.modeling_utils", "mlflow.tracking")
-EVAL_LIBRARIES = ("lm_eval.evaluator", "lm_eval.models.huggingface")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -55,8 +50,7 @@ def app(cfg: DictConfig) -> float:
         if searching:  # a search proposed an invalid point: score it as failed and let the search go on
             return FAILED
         sys.exit(2)
-    # After validation (bad input fails fast), before the first phase (sweep/infra/preload.py says why).
-    preload(RUN_LIBRARIES + (EVAL_LIBRARIES if config.eval.tasks else ()))
+    preload_libraries([config])  # after validation: bad input still fails before any of it
     ctx = sweep_context()
     log_file = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
     result = run_point(config, ctx, log_file=log_file)

@@ -17,7 +17,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -27,6 +27,7 @@ from sweep.config.schema import SweepConfig
 from sweep.data import calibration
 from sweep.infra.cache import cache_root
 from sweep.infra.determinism import deterministic
+from sweep.infra.preload import preload
 from sweep.infra.progress import Progress, sweep_eta
 from sweep.infra.redact import public_config, redact_uri
 from sweep.measure import memory
@@ -48,6 +49,10 @@ from sweep.tracking.tracker import (TAG_BASELINE_HASH, TAG_CONFIG_GROUP, TAG_CON
 from sweep.validation.model_fit import check_against_model
 
 log = logging.getLogger(__name__)
+
+# What every run imports (the model's code, the tracking client), and lm-eval where a run evaluates.
+RUN_LIBRARIES = ("transformers.modeling_utils", "mlflow.tracking")
+EVAL_LIBRARIES = ("lm_eval.evaluator", "lm_eval.models.huggingface")
 
 
 @dataclass
@@ -111,6 +116,15 @@ class PointRun:
 
     def log_json(self, data: Any, name: str) -> None:
         self.tracker.log_json(self.run_id, data, name)
+
+
+def preload_libraries(configs: Sequence[SweepConfig]) -> None:
+    """Import what these runs will use before the process's first grid point (sweep/infra/preload.py says why).
+
+    Called where a process starts its work (`python -m sweep`'s job, a sweep before its baseline), never from
+    `run_point`: once a point has run, its held model exists, and what is alive at the freeze is never collected."""
+    evaluates = any(cfg.eval.tasks for cfg in configs)
+    preload(RUN_LIBRARIES + (EVAL_LIBRARIES if evaluates else ()))
 
 
 def describe(cfg: SweepConfig) -> str:

@@ -42,7 +42,7 @@ from sweep.methods import get_method
 from sweep.models.loading import resolve_device
 from sweep.pipeline import reuse
 from sweep.pipeline.identity import baseline_config, config_hash
-from sweep.pipeline.run import SweepContext, run_point
+from sweep.pipeline.run import SweepContext, preload_libraries, run_point
 from sweep.tracking.orphans import close_orphans, owner_tags
 from sweep.tracking.tracker import TAG_NONFINITE, TAG_ROLE, TAG_SWEEP_ID, Tracker, sweep_runs
 from sweep.tracking.ui import browse_hint, share_view
@@ -144,6 +144,8 @@ class ParentRunCallback(Callback):
             # A search (the Optuna sweeper) picks its points as it goes: each is validated when it runs.
             points = [base]
             total = int(OmegaConf.select(config, "hydra.sweeper.n_trials", default=0) or 0)
+        # Before the baseline runs and holds its model (what exists at the freeze is never collected).
+        preload_libraries(points)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state_file = sweep_dir / SWEEP_FILE
