@@ -48,8 +48,7 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int, device: torch.device, row_buffer: Optional[RowBuffer] = None):
         self._H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
-        self.nsamples = 0        # rows added
-        self._summed = 0         # rows already in _H
+        self.nsamples = 0        # rows added; those in _H are nsamples - _pending
         self._rows = row_buffer if row_buffer is not None else RowBuffer()
         self._pending = 0        # half-precision rows gathered (as float32) in self._rows, not yet in _H
 
@@ -83,16 +82,14 @@ class HessianAccumulator:
         if not self._pending:
             return
         x = self._rows.rows(self._pending, self._H.shape[0], self._pending, self._H.device)
+        self._H *= (self.nsamples - self._pending) / self.nsamples
         self._pending = 0
-        self._H *= self._summed / self.nsamples
-        self._summed = self.nsamples
         self._H.add_(_gram(x), alpha=2.0 / self.nsamples)
 
     def _add(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         self._H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        self._summed = self.nsamples
         x = x * (2.0 / self.nsamples) ** 0.5
         self._H += x.t() @ x
 
